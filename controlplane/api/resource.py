@@ -1,0 +1,284 @@
+"""The life of an API object: scoped read, validated write, audit in the same transaction.
+
+A `Resource` states its SQL and rules; `register_crud` gives it the five standard routes.
+Every read is filtered by the caller's subtree, so an object outside it answers 404.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from controlplane.api.fields import FieldError, Schema, ValidationFailed
+from controlplane.api.problems import ApiError, from_validation, invalid, not_found
+from controlplane.api.routes import QueryParam, RouteTable
+from controlplane.model.principal import Principal
+from controlplane.store import audit
+from controlplane.store.sql import insert, json_default, update
+
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A list filter: query parameter -> SQL condition on one parameter (`{}` is its number)."""
+
+    name: str
+    condition: str
+    parse: Callable[[str], Any]
+    schema: dict[str, Any]
+    description: str = ""
+
+
+def int_filter(name: str, condition: str, description: str) -> Filter:
+    def parse(raw: str) -> int:
+        if not raw.isdigit() or len(raw) > 18:
+            raise FieldError("must be a positive integer")
+        return int(raw)
+
+    return Filter(name, condition, parse, {"type": "integer", "minimum": 1}, description)
+
+
+def bool_filter(name: str, condition: str, description: str) -> Filter:
+    def parse(raw: str) -> bool:
+        if raw not in ("true", "false"):
+            raise FieldError("must be true or false")
+        return raw == "true"
+
+    return Filter(name, condition, parse, {"type": "boolean"}, description)
+
+
+def text_filter(name: str, condition: str, description: str,
+                choices: tuple[str, ...] | None = None, max_len: int = 100) -> Filter:
+    def parse(raw: str) -> str:
+        if choices is not None and raw not in choices:
+            raise FieldError("must be one of: " + ", ".join(choices))
+        if len(raw) > max_len or any(ord(c) < 32 for c in raw):
+            raise FieldError(f"must be at most {max_len} printable characters")
+        return raw
+
+    schema: dict[str, Any] = {"type": "string", "maxLength": max_len}
+    if choices:
+        schema["enum"] = list(choices)
+    return Filter(name, condition, parse, schema, description)
+
+
+def subtree_filter(owner_path: str) -> Filter:
+    return int_filter("dealer_id", f"{owner_path} @> ARRAY[${{}}]::bigint[]",
+                      "only objects in this dealer's subtree")
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, default=json_default), status=status,
+                        content_type="application/json")
+
+
+def principal_of(request: web.Request) -> Principal:
+    return request["principal"]  # type: ignore[no-any-return]
+
+
+def path_id(request: web.Request, name: str = "id") -> int:
+    raw = request.match_info[name]
+    if not raw.isdigit() or len(raw) > 18:
+        raise not_found()
+    return int(raw)
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise ApiError(415, "Unsupported media type", "send the body as application/json",
+                       kind="media-type")
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "Malformed JSON", f"the body is not valid JSON ({exc})",
+                       kind="malformed") from exc
+
+
+def validate(schema: Schema, body: Any, *, partial: bool = False) -> dict[str, Any]:
+    try:
+        return schema.validate(body, partial=partial)
+    except ValidationFailed as exc:
+        raise from_validation(exc) from exc
+
+
+class Resource:
+    """One kind of API object. Subclasses set the class attributes and override the hooks."""
+
+    name: str = ""             # URL segment, e.g. "tenants"
+    entity: str = ""           # audit entity, e.g. "tenant"
+    table: str = ""
+    alias: str = ""            # alias of `table` in select_sql
+    select_sql: str = ""       # SELECT ... WHERE <scope condition on $1>; must expose owner_path
+    create_schema: Schema | None = None
+    update_schema: Schema | None = None
+    filters: Sequence[Filter] = ()
+    columns: frozenset[str] = frozenset()   # columns a write may set
+    hidden: frozenset[str] = frozenset()    # columns never returned
+    response_schema: dict[str, Any] = {}
+    tag: str = ""
+    deletable: bool = True
+
+    # -- reading -------------------------------------------------------------------------
+    async def get(self, conn: asyncpg.Connection, p: Principal, key: int, *,
+                  lock: bool = False) -> asyncpg.Record | None:
+        sql = f"{self.select_sql} AND {self.alias}.id = $2"
+        if lock:
+            sql += f" FOR UPDATE OF {self.alias}"
+        return await conn.fetchrow(sql, p.scope_id, key)
+
+    async def require(self, conn: asyncpg.Connection, p: Principal, key: int, *,
+                      lock: bool = False) -> asyncpg.Record:
+        row = await self.get(conn, p, key, lock=lock)
+        if row is None:
+            raise not_found(self.entity)
+        return row
+
+    async def list(self, conn: asyncpg.Connection, p: Principal,
+                   query: dict[str, str]) -> dict[str, Any]:
+        args: list[Any] = [p.scope_id]
+        where: list[str] = []
+        errors: list[tuple[str, str]] = []
+        known = {f.name: f for f in self.filters}
+        limit, after = DEFAULT_PAGE, 0
+        for key, raw in query.items():
+            try:
+                if key == "limit":
+                    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+                        raise FieldError(f"must be an integer from 1 to {MAX_PAGE}")
+                    limit = int(raw)
+                elif key == "after":
+                    if not raw.isdigit() or len(raw) > 18:
+                        raise FieldError("must be the next_after value of the previous page")
+                    after = int(raw)
+                elif key in known:
+                    args.append(known[key].parse(raw))
+                    where.append(known[key].condition.format(len(args)))
+                else:
+                    raise FieldError("is not a known query parameter")
+            except FieldError as exc:
+                errors.append((f"/query/{key[:50]}", str(exc)))
+        if errors:
+            raise invalid(errors)
+        args += [after, limit + 1]
+        conditions = "".join(f" AND {w}" for w in where)
+        sql = (f"{self.select_sql}{conditions} AND {self.alias}.id > ${len(args) - 1} "
+               f"ORDER BY {self.alias}.id LIMIT ${len(args)}")
+        rows = await conn.fetch(sql, *args)
+        items = [self.present(r) for r in rows[:limit]]
+        next_after = rows[limit - 1]["id"] if len(rows) > limit else None
+        return {"items": items, "next_after": next_after}
+
+    def present(self, row: asyncpg.Record) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k not in self.hidden and k != "owner_path"}
+
+    # -- hooks ---------------------------------------------------------------------------
+    async def before_create(self, conn: asyncpg.Connection, p: Principal,
+                            data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    async def before_update(self, conn: asyncpg.Connection, p: Principal,
+                            current: asyncpg.Record, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    async def before_delete(self, conn: asyncpg.Connection, p: Principal,
+                            current: asyncpg.Record) -> None:
+        return None
+
+    async def after_write(self, conn: asyncpg.Connection, p: Principal, key: int) -> None:
+        """Runs inside the write's transaction (e.g. to tell the nodes a tenant changed)."""
+        return None
+
+    # -- writing -------------------------------------------------------------------------
+    async def create(self, conn: asyncpg.Connection, p: Principal,
+                     data: dict[str, Any]) -> dict[str, Any]:
+        data = await self.before_create(conn, p, data)
+        sql, args = insert(self.table, data, self.columns, returning="id")
+        key = await conn.fetchval(sql, *args)
+        row = await self.require(conn, p, key)
+        after = self.present(row)
+        await audit.record(conn, p, "create", self.entity, key, row["owner_path"], None, after)
+        await self.after_write(conn, p, key)
+        return after
+
+    async def update(self, conn: asyncpg.Connection, p: Principal, key: int,
+                     data: dict[str, Any]) -> dict[str, Any]:
+        current = await self.require(conn, p, key, lock=True)
+        data = await self.before_update(conn, p, current, data)
+        sql, args = update(self.table, key, data, self.columns, returning="id")
+        await conn.execute(sql, *args)
+        row = await self.require(conn, p, key)
+        before, after = self.present(current), self.present(row)
+        await audit.record(conn, p, "update", self.entity, key, row["owner_path"], before, after)
+        await self.after_write(conn, p, key)
+        return after
+
+    async def delete(self, conn: asyncpg.Connection, p: Principal, key: int) -> None:
+        current = await self.require(conn, p, key, lock=True)
+        await self.before_delete(conn, p, current)
+        await conn.execute(f"DELETE FROM {self.table} WHERE id = $1", key)
+        await audit.record(conn, p, "delete", self.entity, key, current["owner_path"],
+                           self.present(current), None)
+        await self.after_write(conn, p, key)
+
+
+def register_crud(routes: RouteTable, res: Resource) -> None:
+    """GET list, POST create, GET one, PATCH update, DELETE for `res`."""
+    base = f"/api/v1/{res.name}"
+    item = {"$ref": f"#/components/schemas/{res.entity}"}
+    page = {"type": "object", "properties": {"items": {"type": "array", "items": item},
+                                             "next_after": {"type": ["integer", "null"]}}}
+
+    async def list_items(request: web.Request) -> web.Response:
+        async with request.app["pool"].acquire() as conn:
+            return json_response(await res.list(conn, principal_of(request), dict(request.query)))
+
+    async def get_item(request: web.Request) -> web.Response:
+        async with request.app["pool"].acquire() as conn:
+            row = await res.require(conn, principal_of(request), path_id(request))
+            return json_response(res.present(row))
+
+    async def create_item(request: web.Request) -> web.Response:
+        assert res.create_schema is not None
+        data = validate(res.create_schema, await read_json(request))
+        async with request.app["pool"].acquire() as conn, conn.transaction():
+            return json_response(await res.create(conn, principal_of(request), data), 201)
+
+    async def update_item(request: web.Request) -> web.Response:
+        assert res.update_schema is not None
+        key = path_id(request)
+        data = validate(res.update_schema, await read_json(request), partial=True)
+        async with request.app["pool"].acquire() as conn, conn.transaction():
+            return json_response(await res.update(conn, principal_of(request), key, data))
+
+    async def delete_item(request: web.Request) -> web.Response:
+        key = path_id(request)
+        async with request.app["pool"].acquire() as conn, conn.transaction():
+            await res.delete(conn, principal_of(request), key)
+        return web.Response(status=204)
+
+    page_params = (
+        QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE,
+                             "default": DEFAULT_PAGE}, "page size"),
+        QueryParam("after", {"type": "integer", "minimum": 0},
+                   "the next_after value of the previous page"),
+    )
+    filters = tuple(QueryParam(f.name, f.schema, f.description) for f in res.filters)
+    routes.add("GET", base, list_items, f"List {res.name}", res.tag, response=page,
+               query=page_params + filters)
+    if res.create_schema is not None:
+        routes.add("POST", base, create_item, f"Create a {res.entity}", res.tag,
+                   body=res.create_schema, response=item, status=201)
+    routes.add("GET", base + "/{id}", get_item, f"Read a {res.entity}", res.tag, response=item)
+    if res.update_schema is not None:
+        routes.add("PATCH", base + "/{id}", update_item, f"Change a {res.entity}", res.tag,
+                   body=res.update_schema, partial=True, response=item)
+    if res.deletable:
+        routes.add("DELETE", base + "/{id}", delete_item, f"Delete a {res.entity}", res.tag,
+                   status=204)

@@ -1,0 +1,78 @@
+"""SIP server nodes (Asterisk): operator only. Their AMI/ARI secrets are never returned."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from controlplane.api import fields as F
+from controlplane.api.problems import conflict, forbidden
+from controlplane.api.resource import Resource, register_crud, text_filter
+from controlplane.api.routes import RouteTable
+from controlplane.model.principal import Principal
+
+USERNAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+STATUSES = ("unknown", "online", "offline", "maintenance")
+
+NODE_FIELDS = {
+    "name": F.text(64, required=True),
+    "sip_address": F.host("public SIP address of the node", required=True),
+    "ami_host": F.host("AMI address", required=True),
+    "ami_port": F.integer(1, 65535),
+    "ami_username": F.pattern(USERNAME, "letters, digits, . _ -", required=True),
+    "ami_secret": F.password("AMI secret", required=True, min_len=12),
+    "ari_url": F.url("ARI base URL, e.g. http://10.0.0.5:8088", required=True),
+    "ari_username": F.pattern(USERNAME, "letters, digits, . _ -", required=True),
+    "ari_password": F.password("ARI password", required=True, min_len=12),
+    "status": F.choice(STATUSES),
+}
+
+
+class Nodes(Resource):
+    name = "nodes"
+    entity = "node"
+    table = "nodes"
+    alias = "n"
+    tag = "nodes"
+    select_sql = ("SELECT n.*, op.path AS owner_path FROM nodes n,"
+                  " dealers op WHERE op.level = 'operator' AND $1::bigint IS NOT NULL")
+    create_schema = F.Schema("node_create", NODE_FIELDS)
+    update_schema = F.Schema("node_update", NODE_FIELDS)
+    filters = (text_filter("status", "n.status::text = ${}", "node status", choices=STATUSES),)
+    columns = frozenset(NODE_FIELDS)
+    hidden = frozenset({"ami_secret", "ari_password"})
+
+    @staticmethod
+    def _operator_only(p: Principal) -> None:
+        if not p.is_operator:
+            raise forbidden("nodes are managed by the platform operator only")
+
+    async def get(self, conn: asyncpg.Connection, p: Principal, key: int, *,
+                  lock: bool = False) -> asyncpg.Record | None:
+        self._operator_only(p)
+        return await super().get(conn, p, key, lock=lock)
+
+    async def list(self, conn: asyncpg.Connection, p: Principal,
+                   query: dict[str, str]) -> dict[str, Any]:
+        self._operator_only(p)
+        return await super().list(conn, p, query)
+
+    async def before_create(self, conn: asyncpg.Connection, p: Principal,
+                            data: dict[str, Any]) -> dict[str, Any]:
+        self._operator_only(p)
+        return data
+
+    async def before_delete(self, conn: asyncpg.Connection, p: Principal,
+                            current: asyncpg.Record) -> None:
+        if await conn.fetchval("SELECT 1 FROM dealers WHERE node_id = $1 UNION ALL"
+                               " SELECT 1 FROM tenants WHERE node_id = $1 LIMIT 1",
+                               current["id"]):
+            raise conflict("dealers or tenants are still assigned to this node")
+
+
+NODES = Nodes()
+
+
+def register(routes: RouteTable) -> None:
+    register_crud(routes, NODES)

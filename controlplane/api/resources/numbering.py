@@ -1,0 +1,174 @@
+"""Number ranges from carriers and the DIDs taken from them, assigned to extensions."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from controlplane.api import fields as F
+from controlplane.api.fields import FieldError
+from controlplane.api.problems import invalid
+from controlplane.api.resource import (
+    MAX_PAGE,
+    Resource,
+    int_filter,
+    json_response,
+    path_id,
+    principal_of,
+    register_crud,
+    subtree_filter,
+    text_filter,
+)
+from controlplane.api.routes import QueryParam, RouteTable
+from controlplane.model.principal import Principal
+
+LOCAL_NUMBER_MAX = 10**12
+
+RANGE_FIELDS = {
+    "dealer_id": F.reference("dealer whose subtree may use the range; defaults to the caller"),
+    "name": F.text(100, required=True),
+    "country_code": F.pattern(r"^[1-9][0-9]{0,2}$", "1 to 3 digits (DDI)", max_len=3,
+                              required=True),
+    "area_code": F.pattern(r"^[0-9]{1,5}$", "1 to 5 digits (DDD)", max_len=5, required=True),
+    "first_number": F.integer(0, LOCAL_NUMBER_MAX, required=True),
+    "last_number": F.integer(0, LOCAL_NUMBER_MAX, required=True),
+}
+
+
+class NumberRanges(Resource):
+    name = "number-ranges"
+    entity = "number_range"
+    table = "number_ranges"
+    alias = "r"
+    tag = "numbering"
+    select_sql = ("SELECT r.*, (SELECT count(*) FROM dids x WHERE x.range_id = r.id) AS in_use,"
+                  " r.last_number - r.first_number + 1 AS size, d.path AS owner_path"
+                  " FROM number_ranges r JOIN dealers d ON d.id = r.dealer_id"
+                  " WHERE d.path @> ARRAY[$1]::bigint[]")
+    create_schema = F.Schema("number_range_create", RANGE_FIELDS)
+    update_schema = F.Schema("number_range_update", RANGE_FIELDS).without("dealer_id")
+    filters = (subtree_filter("d.path"),)
+    columns = frozenset(RANGE_FIELDS)
+
+    async def before_create(self, conn: asyncpg.Connection, p: Principal,
+                            data: dict[str, Any]) -> dict[str, Any]:
+        owner = data.setdefault("dealer_id", p.scope_id)
+        if not await conn.fetchval("SELECT 1 FROM dealers WHERE id = $1 AND"
+                                   " path @> ARRAY[$2]::bigint[]", owner, p.scope_id):
+            raise invalid([("/dealer_id", "is not a dealer you manage")])
+        return data
+
+
+RANGES = NumberRanges()
+
+DID_FIELDS = {
+    "range_id": F.reference("range the number is taken from", required=True),
+    "local_number": F.integer(0, LOCAL_NUMBER_MAX, required=True,
+                              description="number inside the range (without country/area)"),
+    "extension_id": F.reference("extension the DID rings", nullable=True),
+    "monthly_value": F.money(Decimal(0), description="monthly fee"),
+    "collect_calls": F.boolean("accept collect calls"),
+}
+
+
+class Dids(Resource):
+    name = "dids"
+    entity = "did"
+    table = "dids"
+    alias = "x"
+    tag = "numbering"
+    select_sql = ("SELECT x.*, r.dealer_id, d.path AS owner_path FROM dids x"
+                  " JOIN number_ranges r ON r.id = x.range_id"
+                  " JOIN dealers d ON d.id = r.dealer_id WHERE d.path @> ARRAY[$1]::bigint[]")
+    create_schema = F.Schema("did_create", DID_FIELDS)
+    update_schema = F.Schema("did_update", DID_FIELDS).without("range_id", "local_number")
+    filters = (
+        subtree_filter("d.path"),
+        int_filter("range_id", "x.range_id = ${}", "DIDs of this range"),
+        int_filter("extension_id", "x.extension_id = ${}", "DIDs ringing this extension"),
+        text_filter("e164", "x.e164 = ${}", "exact number in E.164 (+5511...)", max_len=20),
+    )
+    columns = frozenset(DID_FIELDS)
+
+    async def _check_extension(self, conn: asyncpg.Connection, p: Principal, range_id: int,
+                               extension_id: int | None) -> None:
+        if extension_id is None:
+            return
+        # The extension must be one the caller manages, under the range owner's subtree.
+        ok = await conn.fetchval(
+            "SELECT 1 FROM extensions e JOIN tenants t ON t.id = e.tenant_id"
+            " JOIN dealers d ON d.id = t.dealer_id, number_ranges r"
+            " WHERE e.id = $1 AND r.id = $2 AND d.path @> ARRAY[$3]::bigint[]"
+            "   AND d.path @> ARRAY[r.dealer_id]", extension_id, range_id, p.scope_id)
+        if not ok:
+            raise invalid([("/extension_id", "is not an extension this range may serve")])
+
+    async def before_create(self, conn: asyncpg.Connection, p: Principal,
+                            data: dict[str, Any]) -> dict[str, Any]:
+        if await RANGES.get(conn, p, data["range_id"]) is None:
+            raise invalid([("/range_id", "is not a number range you manage")])
+        await self._check_extension(conn, p, data["range_id"], data.get("extension_id"))
+        return data
+
+    async def before_update(self, conn: asyncpg.Connection, p: Principal,
+                            current: asyncpg.Record, data: dict[str, Any]) -> dict[str, Any]:
+        await self._check_extension(conn, p, current["range_id"], data.get("extension_id"))
+        return data
+
+
+DIDS = Dids()
+
+
+async def range_numbers(request: web.Request) -> web.Response:
+    """Every number of a range with its status: available or in use (and by which DID)."""
+    p, key = principal_of(request), path_id(request)
+    errors: list[tuple[str, str]] = []
+    status = request.query.get("status", "")
+    limit, after = 100, -1
+    try:
+        if status not in ("", "available", "in_use"):
+            raise FieldError("status must be available or in_use")
+        if "limit" in request.query:
+            raw = request.query["limit"]
+            if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+                raise FieldError(f"limit must be an integer from 1 to {MAX_PAGE}")
+            limit = int(raw)
+        if "after" in request.query:
+            raw = request.query["after"]
+            if not raw.isdigit() or len(raw) > 13:
+                raise FieldError("after must be a local number")
+            after = int(raw)
+    except FieldError as exc:
+        errors.append(("/query", str(exc)))
+    if errors:
+        raise invalid(errors)
+    condition = {"": "", "available": " AND x.id IS NULL", "in_use": " AND x.id IS NOT NULL"}
+    async with request.app["pool"].acquire() as conn:
+        rng = await RANGES.require(conn, p, key)
+        rows = await conn.fetch(
+            "SELECT n AS local_number, x.id AS did_id, x.extension_id FROM"
+            " generate_series(GREATEST($2::bigint, $3::bigint + 1), $4::bigint) AS n"
+            " LEFT JOIN dids x ON x.range_id = $1 AND x.local_number = n"
+            f" WHERE true{condition[status]} ORDER BY n LIMIT $5",
+            key, rng["first_number"], after, rng["last_number"], limit + 1)
+    prefix = f"+{rng['country_code']}{rng['area_code']}"
+    items = [{"local_number": r["local_number"], "e164": f"{prefix}{r['local_number']}",
+              "status": "in_use" if r["did_id"] else "available", "did_id": r["did_id"],
+              "extension_id": r["extension_id"]} for r in rows[:limit]]
+    next_after = rows[limit - 1]["local_number"] if len(rows) > limit else None
+    return json_response({"items": items, "next_after": next_after})
+
+
+def register(routes: RouteTable) -> None:
+    register_crud(routes, RANGES)
+    register_crud(routes, DIDS)
+    routes.add("GET", "/api/v1/number-ranges/{id}/numbers", range_numbers,
+               "Numbers of a range with their status", "numbering",
+               response={"type": "object"},
+               query=(QueryParam("status", {"type": "string", "enum": ["available", "in_use"]}),
+                      QueryParam("limit", {"type": "integer", "minimum": 1,
+                                           "maximum": MAX_PAGE}),
+                      QueryParam("after", {"type": "integer", "minimum": 0})))

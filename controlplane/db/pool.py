@@ -1,0 +1,90 @@
+"""asyncpg pool creation, versioned migrations, and the database a process should use."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+
+from controlplane.db.embedded import EmbeddedPostgres
+from controlplane.settings import Settings
+from controlplane.store.sql import json_default
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_PACKAGE = "controlplane.db"
+# Any constant works: it only has to be the same for every process migrating this database.
+MIGRATION_LOCK_KEY = 7_140_001
+
+
+class DatabaseUnavailable(RuntimeError):
+    """PostgreSQL could not be reached or answered too slowly."""
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """The configured DSN, or one to an embedded PostgreSQL under the data directory."""
+    if settings.dsn:
+        return settings.dsn
+    return EmbeddedPostgres(settings.postgres_dir).start()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=lambda v: json.dumps(v, default=json_default), decoder=json.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_timeout,
+            command_timeout=settings.db_timeout,
+            init=_init_connection,
+        )
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL ({exc}); check PBX_DSN or the embedded server"
+        ) from exc
+    assert pool is not None
+    return pool
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(version, sql) for every migration shipped with the package, in order."""
+    folder = resources.files(MIGRATIONS_PACKAGE) / "migrations"
+    found = sorted(
+        (Path(str(item)).name, item.read_text("utf-8"))
+        for item in folder.iterdir()
+        if str(item).endswith(".sql")
+    )
+    return [(name.removesuffix(".sql"), sql) for name, sql in found]
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply the migrations this database lacks, each in its own transaction. Returns them."""
+    applied_now: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, sql in migration_files():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            log.info("applied migration %s", version)
+            applied_now.append(version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied_now
