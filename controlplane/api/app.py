@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from controlplane.api import oauth, openapi
+from controlplane.api.keys import OPENAPI, POOL, ROUTES, SETTINGS
 from controlplane.api.oauth import Handler
 from controlplane.api.problems import ApiError, from_database
 from controlplane.api.resource import Resource
@@ -60,7 +61,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     try:
-        async with request.app["pool"].acquire(timeout=2) as conn:
+        async with request.app[POOL].acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1", timeout=2)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return web.json_response({"status": "unavailable", "database": str(exc)[:200]},
@@ -91,10 +92,10 @@ def build_routes() -> RouteTable:
 def build_app(settings: Settings, pool: asyncpg.Pool) -> web.Application:
     app = web.Application(middlewares=[problem_middleware, oauth.bearer_middleware],
                           client_max_size=MAX_BODY)
-    app["settings"] = settings
-    app["pool"] = pool
+    app[SETTINGS] = settings
+    app[POOL] = pool
     routes = build_routes()
     routes.register(app)
-    app["routes"] = routes
-    app["openapi"] = openapi.build_spec(routes, {r.entity: resource_schema(r) for r in RESOURCES})
+    app[ROUTES] = routes
+    app[OPENAPI] = openapi.build_spec(routes, {r.entity: resource_schema(r) for r in RESOURCES})
     return app

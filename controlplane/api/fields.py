@@ -76,7 +76,8 @@ def text(max_len: int = 100, *, min_len: int = 1, required: bool = False, descri
          nullable: bool = False) -> Field:
     """A name or other free text that may reach a node's configuration."""
     return Field(
-        {"type": "string", "minLength": min_len, "maxLength": max_len, "pattern": SAFE_TEXT.pattern},
+        {"type": "string", "minLength": min_len, "maxLength": max_len,
+         "pattern": SAFE_TEXT.pattern},
         _text_parser(min_len, max_len, SAFE_TEXT,
                      "letters, digits, spaces and . _ @ & ' + / : - only"),
         required=required, nullable=nullable, description=description,
@@ -208,7 +209,10 @@ def url(description: str = "", *, required: bool = False, nullable: bool = False
             raise FieldError("must start with http:// or https://")
         authority, _, path = rest.partition("/")
         hostport = authority.rsplit("@", 1)[-1]
-        name, _, port = hostport.partition(":") if not hostport.startswith("[") else (hostport, "", "")
+        if hostport.startswith("["):
+            name, port = hostport, ""
+        else:
+            name, _, port = hostport.partition(":")
         if port and (not port.isdigit() or not 0 < int(port) < 65536):
             raise FieldError("has an invalid port")
         _parse_host(name.strip("[]"))

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from controlplane.api.keys import POOL, PRINCIPAL, SETTINGS
 from controlplane.api.routes import RouteTable
 from controlplane.model.principal import Principal
 from controlplane.secrets import digest, new_token, verify_password
@@ -118,7 +119,7 @@ async def _authenticate_client(conn: Any, params: dict[str, str], ip: str) -> An
 
 
 async def token_endpoint(request: web.Request) -> web.Response:
-    settings: Settings = request.app["settings"]
+    settings: Settings = request.app[SETTINGS]
     try:
         params = await _token_params(request)
         grant = params.get("grant_type", "")
@@ -126,7 +127,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
             raise OAuthError("unsupported_grant_type",
                              "grant_type must be password or refresh_token")
         ip = source_ip(request, settings)
-        async with request.app["pool"].acquire() as conn:
+        async with request.app[POOL].acquire() as conn:
             client = await _authenticate_client(conn, params, ip)
             if grant == "password":
                 username, password = params.get("username", ""), params.get("password", "")
@@ -158,11 +159,11 @@ async def token_endpoint(request: web.Request) -> web.Response:
 
 async def revoke_endpoint(request: web.Request) -> web.Response:
     """RFC 7009: the client revokes one of its tokens; unknown tokens are not an error."""
-    settings: Settings = request.app["settings"]
+    settings: Settings = request.app[SETTINGS]
     try:
         params = await _token_params(request)
         token = params.get("token", "") or params.get("refresh_token", "")
-        async with request.app["pool"].acquire() as conn:
+        async with request.app[POOL].acquire() as conn:
             client = await _authenticate_client(conn, params, source_ip(request, settings))
             if token:
                 await credentials.revoke_token(conn, digest(token), client["id"])
@@ -191,15 +192,15 @@ async def bearer_middleware(request: web.Request, handler: Handler) -> web.Strea
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return bearer_error(401, "invalid_token", "a Bearer access token is required")
-    settings: Settings = request.app["settings"]
+    settings: Settings = request.app[SETTINGS]
     ip = source_ip(request, settings)
-    async with request.app["pool"].acquire() as conn:
+    async with request.app[POOL].acquire() as conn:
         row = await credentials.principal_for_token(conn, digest(token.strip()), ip or "0.0.0.0")
     if row is None:
         return bearer_error(401, "invalid_token", "the access token is invalid or expired")
     if not row["source_allowed"]:
         return bearer_error(403, "access_denied", f"requests from {ip} are not allowed")
-    request["principal"] = Principal(
+    request[PRINCIPAL] = Principal(
         actor_id=row["dealer_id"], scope_id=row["scope_id"], scope_level=row["level"],
         scope_path=tuple(row["path"]), client_id=row["client_id"],
         impersonating=row["acting_as_id"] is not None, source_ip=ip,

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from controlplane.api.keys import OPENAPI
 from controlplane.api.routes import Operation, RouteTable
 
 PROBLEM = {
@@ -135,7 +136,7 @@ async def docs_static(request: web.Request) -> web.Response:
 
 
 async def spec(request: web.Request) -> web.Response:
-    return web.json_response(request.app["openapi"])
+    return web.json_response(request.app[OPENAPI])
 
 
 def register(routes: RouteTable) -> None:

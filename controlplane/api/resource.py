@@ -15,6 +15,7 @@ import asyncpg
 from aiohttp import web
 
 from controlplane.api.fields import FieldError, Schema, ValidationFailed
+from controlplane.api.keys import POOL, PRINCIPAL
 from controlplane.api.problems import ApiError, from_validation, invalid, not_found
 from controlplane.api.routes import QueryParam, RouteTable
 from controlplane.model.principal import Principal
@@ -80,7 +81,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def principal_of(request: web.Request) -> Principal:
-    return request["principal"]  # type: ignore[no-any-return]
+    return request[PRINCIPAL]
 
 
 def path_id(request: web.Request, name: str = "id") -> int:
@@ -236,30 +237,30 @@ def register_crud(routes: RouteTable, res: Resource) -> None:
                                              "next_after": {"type": ["integer", "null"]}}}
 
     async def list_items(request: web.Request) -> web.Response:
-        async with request.app["pool"].acquire() as conn:
+        async with request.app[POOL].acquire() as conn:
             return json_response(await res.list(conn, principal_of(request), dict(request.query)))
 
     async def get_item(request: web.Request) -> web.Response:
-        async with request.app["pool"].acquire() as conn:
+        async with request.app[POOL].acquire() as conn:
             row = await res.require(conn, principal_of(request), path_id(request))
             return json_response(res.present(row))
 
     async def create_item(request: web.Request) -> web.Response:
         assert res.create_schema is not None
         data = validate(res.create_schema, await read_json(request))
-        async with request.app["pool"].acquire() as conn, conn.transaction():
+        async with request.app[POOL].acquire() as conn, conn.transaction():
             return json_response(await res.create(conn, principal_of(request), data), 201)
 
     async def update_item(request: web.Request) -> web.Response:
         assert res.update_schema is not None
         key = path_id(request)
         data = validate(res.update_schema, await read_json(request), partial=True)
-        async with request.app["pool"].acquire() as conn, conn.transaction():
+        async with request.app[POOL].acquire() as conn, conn.transaction():
             return json_response(await res.update(conn, principal_of(request), key, data))
 
     async def delete_item(request: web.Request) -> web.Response:
         key = path_id(request)
-        async with request.app["pool"].acquire() as conn, conn.transaction():
+        async with request.app[POOL].acquire() as conn, conn.transaction():
             await res.delete(conn, principal_of(request), key)
         return web.Response(status=204)
 

@@ -11,6 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from controlplane.api import fields as F
+from controlplane.api.keys import POOL, SETTINGS
 from controlplane.api.logo import LOGO_TYPES, MAX_LOGO_BYTES, check_logo
 from controlplane.api.oauth import issue_impersonation
 from controlplane.api.problems import ApiError, conflict, forbidden, invalid, not_found
@@ -52,7 +53,8 @@ DEALER_FIELDS = {
     "max_extensions": F.integer(nullable=True, description="cap on extensions in the subtree"),
     "max_calls": F.integer(nullable=True, description="cap on simultaneous calls"),
     "billing_mode": F.choice(("prepaid", "postpaid")),
-    "credit_limit": F.money(Decimal(0), description="postpaid: how far the balance may go negative"),
+    "credit_limit": F.money(Decimal(0),
+                            description="postpaid: how far the balance may go negative"),
 }
 
 COLUMNS = ("id, parent_id, path, level::text AS level, name, login, active, brand_name,"
@@ -150,7 +152,7 @@ async def create_api_client(request: web.Request) -> web.Response:
     p, key = principal_of(request), path_id(request)
     data = validate(API_CLIENT_SCHEMA, await read_json(request))
     secret = new_token(30)
-    async with request.app["pool"].acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         dealer = await DEALERS.require(conn, p, key)
         row = await credentials.create_client(
             conn, client_id=new_token(12), secret_hash=digest(secret).hex(), dealer_id=key,
@@ -164,7 +166,7 @@ async def create_api_client(request: web.Request) -> web.Response:
 
 async def list_api_clients(request: web.Request) -> web.Response:
     p, key = principal_of(request), path_id(request)
-    async with request.app["pool"].acquire() as conn:
+    async with request.app[POOL].acquire() as conn:
         await DEALERS.require(conn, p, key)
         return json_response({"items": await credentials.list_clients(conn, key)})
 
@@ -172,7 +174,7 @@ async def list_api_clients(request: web.Request) -> web.Response:
 async def revoke_api_client(request: web.Request) -> web.Response:
     p, key = principal_of(request), path_id(request)
     client_id = request.match_info["client_id"]
-    async with request.app["pool"].acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         dealer = await DEALERS.require(conn, p, key)
         row = await credentials.revoke_client(conn, key, client_id[:64])
         if row is None:
@@ -186,11 +188,11 @@ async def impersonate(request: web.Request) -> web.Response:
     p, key = principal_of(request), path_id(request)
     if p.impersonating:
         raise forbidden("an impersonation token cannot start another impersonation")
-    async with request.app["pool"].acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         dealer = await DEALERS.require_descendant(conn, p, key)
         if not dealer["active"]:
             raise conflict("the dealer is deactivated")
-        body = await issue_impersonation(conn, request.app["settings"], p, key)
+        body = await issue_impersonation(conn, request.app[SETTINGS], p, key)
         await audit.record(conn, p, "impersonate", "dealer", key, dealer["owner_path"],
                            None, {"acting_as": key})
     return json_response(body, 201)
@@ -199,7 +201,7 @@ async def impersonate(request: web.Request) -> web.Response:
 async def add_credit(request: web.Request) -> web.Response:
     p, key = principal_of(request), path_id(request)
     data = validate(CREDIT_SCHEMA, await read_json(request))
-    async with request.app["pool"].acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         before = await DEALERS.require_descendant(conn, p, key, lock=True)
         await conn.execute("UPDATE dealers SET balance = balance + $2 WHERE id = $1",
                            key, data["amount"])
@@ -219,7 +221,7 @@ async def put_logo(request: web.Request) -> web.Response:
                        kind="media-type")
     data = await request.content.read(MAX_LOGO_BYTES + 1)
     mime = check_logo(data, request.content_type)
-    async with request.app["pool"].acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         row = await DEALERS.require(conn, p, key, lock=True)
         await conn.execute("UPDATE dealers SET logo = $2, logo_mime = $3 WHERE id = $1",
                            key, data, mime)
@@ -231,7 +233,7 @@ async def put_logo(request: web.Request) -> web.Response:
 
 async def get_logo(request: web.Request) -> web.Response:
     p, key = principal_of(request), path_id(request)
-    async with request.app["pool"].acquire() as conn:
+    async with request.app[POOL].acquire() as conn:
         await DEALERS.require(conn, p, key)
         row = await conn.fetchrow("SELECT logo, logo_mime FROM dealers WHERE id = $1", key)
     if row["logo"] is None:

@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from controlplane.api import fields as F
+from controlplane.api.keys import POOL
 from controlplane.api.problems import conflict, invalid
 from controlplane.api.resource import (
     Resource,
@@ -127,7 +128,7 @@ EXTENSIONS = Extensions()
 async def reveal_password(request: web.Request) -> web.Response:
     """The SIP password, on explicit request only; every reveal is audited."""
     p, key = principal_of(request), path_id(request)
-    async with request.app["pool"].acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         row = await EXTENSIONS.require(conn, p, key)
         await audit.record(conn, p, "reveal_password", "extension", key, row["owner_path"],
                            None, None)
@@ -138,7 +139,7 @@ async def reveal_password(request: web.Request) -> web.Response:
 async def rotate_password(request: web.Request) -> web.Response:
     p, key = principal_of(request), path_id(request)
     password = new_sip_password()
-    async with request.app["pool"].acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         row = await EXTENSIONS.require(conn, p, key, lock=True)
         await conn.execute("UPDATE extensions SET sip_password = $2 WHERE id = $1", key, password)
         await audit.record(conn, p, "rotate_password", "extension", key, row["owner_path"],

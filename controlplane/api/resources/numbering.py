@@ -10,6 +10,7 @@ from aiohttp import web
 
 from controlplane.api import fields as F
 from controlplane.api.fields import FieldError
+from controlplane.api.keys import POOL
 from controlplane.api.problems import invalid
 from controlplane.api.resource import (
     MAX_PAGE,
@@ -146,7 +147,7 @@ async def range_numbers(request: web.Request) -> web.Response:
     if errors:
         raise invalid(errors)
     condition = {"": "", "available": " AND x.id IS NULL", "in_use": " AND x.id IS NOT NULL"}
-    async with request.app["pool"].acquire() as conn:
+    async with request.app[POOL].acquire() as conn:
         rng = await RANGES.require(conn, p, key)
         rows = await conn.fetch(
             "SELECT n AS local_number, x.id AS did_id, x.extension_id FROM"

@@ -31,7 +31,8 @@ class Plans(Resource):
     select_sql = ("SELECT pl.*, d.path AS owner_path FROM plans pl"
                   " JOIN dealers d ON d.id = pl.dealer_id"
                   " WHERE (d.path @> ARRAY[$1]::bigint[]"
-                  "        OR pl.dealer_id = ANY ((SELECT path FROM dealers WHERE id = $1)::bigint[]))")
+                  "        OR pl.dealer_id = ANY ("
+                  "            (SELECT path FROM dealers WHERE id = $1)::bigint[]))")
     create_schema = F.Schema("plan_create", PLAN_FIELDS)
     update_schema = F.Schema("plan_update", PLAN_FIELDS).without("dealer_id", "kind")
     filters = (subtree_filter("d.path"),

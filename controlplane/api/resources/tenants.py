@@ -10,6 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from controlplane.api import fields as F
+from controlplane.api.keys import POOL
 from controlplane.api.problems import conflict, invalid
 from controlplane.api.resource import (
     Resource,
@@ -98,7 +99,7 @@ TENANTS = Tenants()
 async def cancel(request: web.Request) -> web.Response:
     """Contract cancellation: the tenant and all its extensions are deactivated at once."""
     p, key = principal_of(request), path_id(request)
-    async with request.app["pool"].acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         current = await TENANTS.require(conn, p, key, lock=True)
         if current["status"] != "cancelled":
             await conn.execute("UPDATE tenants SET status = 'cancelled' WHERE id = $1", key)
