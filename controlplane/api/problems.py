@@ -100,6 +100,10 @@ CONSTRAINTS: dict[str, tuple[str, str]] = {
 }
 
 
+# Refusals caused by the current state of other objects, not by the request itself.
+STATE_CONFLICTS = {"dealer_balance_floor", "tenant_caps_above_extensions", "range_covers_dids"}
+
+
 def from_database(exc: asyncpg.PostgresError) -> ApiError | None:
     """A refusal by a constraint or trigger, as the client should see it; None if unknown."""
     name = getattr(exc, "constraint_name", None) or ""
@@ -110,7 +114,8 @@ def from_database(exc: asyncpg.PostgresError) -> ApiError | None:
     if name in CONSTRAINTS:
         pointer, message = CONSTRAINTS[name]
         message = message or str(exc)
-        if isinstance(exc, asyncpg.UniqueViolationError) or name.endswith("_cap") or not pointer:
+        state = name in STATE_CONFLICTS or name.endswith("_cap")
+        if isinstance(exc, asyncpg.UniqueViolationError) or state or not pointer:
             return conflict(message, pointer)
         return invalid([(pointer, message)])
     if isinstance(exc, asyncpg.UniqueViolationError):
