@@ -172,6 +172,9 @@ def money(minimum: Decimal = Decimal("-9999999999"), maximum: Decimal = Decimal(
 def _parse_host(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise FieldError("must be an IP address or a host name")
+    if "%" in value:
+        # ipaddress accepts any text as an IPv6 zone id, new lines included.
+        raise FieldError("must not carry an IPv6 zone id")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -230,8 +233,8 @@ def cidr_list(description: str = "", *, required: bool = False) -> Field:
             raise FieldError("must be a list of 1 to 50 networks such as 203.0.113.7/32")
         out = []
         for item in value:
-            if not isinstance(item, str):
-                raise FieldError("every network must be a string")
+            if not isinstance(item, str) or "%" in item:
+                raise FieldError("every network must be a string such as 192.0.2.0/24")
             try:
                 out.append(str(ipaddress.ip_network(item, strict=True)))
             except ValueError as exc:

@@ -25,6 +25,7 @@ def test_safe_text_refuses_what_could_break_asterisk_configuration(value):
     ("203.0.113.10", True), ("2001:db8::1", True), ("sip.reseller.example.com", True),
     ("localhost", True), ("bad_host.example.com", False), ("a..b", False), ("1.2.3", False),
     ("sip.example.com;transport=tcp", False), ("-x.example.com", False),
+    ("fe80::1%x\n[evil];", False), ("fe80::1%eth0", False),
 ])
 def test_registration_address_is_an_ip_or_hostname(value, ok):
     if ok:
