@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="create a demo distributor, reseller, tenant and phones")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    up = sub.add_parser("up", help="serve --demo, with a sandboxed Asterisk node")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
     sub.add_parser("migrate", help="apply database migrations and exit")
     db = sub.add_parser("db", help="the embedded PostgreSQL")
     db.add_argument("action", choices=("start", "stop"))
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         asyncio.run(_serve(settings, args.demo))
+    elif args.command == "up":
+        asyncio.run(_serve(settings, True))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
     elif args.command == "db":
