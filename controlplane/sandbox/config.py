@@ -1,0 +1,161 @@
+"""The configuration directory of one sandbox node: base files plus generated node files.
+
+The base configuration (``asterisk-conf/``) holds policy and no credentials. Everything that
+identifies a node (addresses, ports, the control plane's AMI and ARI users) is written into
+``*_node.conf`` files that the base files ``#include``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_BASE_CONF_DIR = Path(__file__).resolve().parents[2] / "asterisk-conf"
+TENANTS_DIR = "tenants"
+# Created once and then left to the control plane: restarts never overwrite them.
+TENANT_INCLUDE_FILES = {
+    "pjsip_tenants.conf": f'#tryinclude "{TENANTS_DIR}/pjsip/*.conf"\n',
+    "extensions_tenants.conf": f'#tryinclude "{TENANTS_DIR}/extensions/*.conf"\n',
+}
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# Asterisk config values end at ';', treat '\' as an escape and lose surrounding blanks.
+_SECRET = re.compile(r"^[\x21-\x3a\x3c-\x5b\x5d-\x7e]{8,128}$")
+
+
+def default_base_conf_dir() -> Path:
+    """``asterisk-conf/`` of this checkout, unless PBX_ASTERISK_CONF names another one."""
+    return Path(os.environ.get("PBX_ASTERISK_CONF") or REPO_BASE_CONF_DIR)
+
+
+class CredentialError(ValueError):
+    """Credentials are missing or cannot be written safely into an Asterisk config file."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    secret: str
+
+    def validate(self, what: str) -> None:
+        if not self.username or not self.secret:
+            raise CredentialError(f"{what} username and secret must be given by the caller")
+        if not _NAME.match(self.username) or self.username.lower() == "general":
+            raise CredentialError(
+                f"{what} username {self.username!r} must match {_NAME.pattern}"
+            )
+        if not _SECRET.match(self.secret):
+            raise CredentialError(
+                f"{what} secret must be 8-128 printable ASCII characters "
+                "without spaces, ';' or '\\'"
+            )
+
+
+@dataclass(frozen=True)
+class NodeNetwork:
+    address: str
+    sip_port: int
+    ami_port: int
+    http_port: int
+    rtp_start: int
+    rtp_end: int
+
+    def validate(self) -> None:
+        ip = ipaddress.ip_address(self.address)
+        if ip.version != 4 or not ip.is_loopback:
+            raise ValueError(f"sandbox node address {self.address} is not in 127.0.0.0/8")
+        for port in (self.sip_port, self.ami_port, self.http_port, self.rtp_start, self.rtp_end):
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} out of range")
+        if self.rtp_end <= self.rtp_start:
+            raise ValueError(f"empty RTP port range {self.rtp_start}-{self.rtp_end}")
+
+
+def render_config_dir(
+    config_dir: Path,
+    base_conf_dir: Path,
+    system_name: str,
+    network: NodeNetwork,
+    ami: Credentials,
+    ari: Credentials,
+    asterisk_gid: int,
+) -> None:
+    """Fill ``config_dir`` with the base files and the node's generated files."""
+    if not (base_conf_dir / "modules.conf").is_file():
+        raise FileNotFoundError(f"base Asterisk configuration not found in {base_conf_dir}")
+    config_dir.mkdir(parents=True, exist_ok=True)
+    base_files = {p.name: p.read_text() for p in sorted(base_conf_dir.glob("*.conf"))}
+    node_files = _node_files(system_name, network, ami, ari)
+    # Only tenants/ and the tenant include files belong to the control plane; anything else
+    # left from an older base configuration would silently change the node.
+    keep = {*base_files, *node_files, *TENANT_INCLUDE_FILES}
+    for stale in config_dir.glob("*.conf"):
+        if stale.name not in keep:
+            stale.unlink()
+    for name, text in {**base_files, **node_files}.items():
+        _write(config_dir / name, text, asterisk_gid)
+    for sub in ("pjsip", "extensions"):
+        tenant_dir = config_dir / TENANTS_DIR / sub
+        tenant_dir.mkdir(parents=True, exist_ok=True)
+        _share_with_group(tenant_dir, asterisk_gid, 0o750)
+    _share_with_group(config_dir / TENANTS_DIR, asterisk_gid, 0o750)
+    for name, text in TENANT_INCLUDE_FILES.items():
+        if not (config_dir / name).exists():
+            _write(config_dir / name, text, asterisk_gid)
+    _share_with_group(config_dir, asterisk_gid, 0o750)
+
+
+def loaded_module_names(base_conf_dir: Path) -> list[str]:
+    """The modules ``modules.conf`` asks Asterisk to load, in file order."""
+    names = []
+    for line in (base_conf_dir / "modules.conf").read_text().splitlines():
+        line = line.split(";", 1)[0].strip()
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "load":
+            names.append(value.lstrip(">").strip())
+    return names
+
+
+def _node_files(
+    system_name: str, net: NodeNetwork, ami: Credentials, ari: Credentials
+) -> dict[str, str]:
+    header = "; Generated by the sandbox at node start; edits are overwritten.\n"
+    return {
+        "asterisk_node.conf": f"{header}systemname = {system_name}\n",
+        "rtp_node.conf": f"{header}rtpstart = {net.rtp_start}\nrtpend = {net.rtp_end}\n",
+        "manager_node.conf": (
+            f"{header}bindaddr = {net.address}\nport = {net.ami_port}\n\n"
+            f"[{ami.username}]\nsecret = {ami.secret}\n"
+            "deny = 0.0.0.0/0.0.0.0\npermit = 127.0.0.0/255.0.0.0\n"
+            "read = all\nwrite = all\nwritetimeout = 5000\n"
+        ),
+        "http_node.conf": f"{header}bindaddr = {net.address}\nbindport = {net.http_port}\n",
+        "ari_node.conf": (
+            f"{header}\n[{ari.username}]\ntype = user\nread_only = no\n"
+            f"password_format = plain\npassword = {ari.secret}\n"
+        ),
+        "pjsip_node.conf": (
+            f"{header}\n"
+            f"[transport-udp]\ntype = transport\nprotocol = udp\n"
+            f"bind = {net.address}:{net.sip_port}\n\n"
+            f"[transport-tcp]\ntype = transport\nprotocol = tcp\n"
+            f"bind = {net.address}:{net.sip_port}\n"
+        ),
+        "extensions_node.conf": f"{header}",
+    }
+
+
+def _write(path: Path, text: str, gid: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _share_with_group(tmp, gid, 0o640)
+    tmp.replace(path)
+
+
+def _share_with_group(path: Path, gid: int, mode: int) -> None:
+    os.chown(path, 0, gid)
+    path.chmod(mode)
+
