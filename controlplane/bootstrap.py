@@ -41,8 +41,8 @@ async def _api_client(conn: asyncpg.Connection, dealer_id: int, name: str) -> di
     return {"client_id": client_id, "client_secret": secret}
 
 
-async def ensure_demo(conn: asyncpg.Connection, registration_address: str = "127.0.0.10"
-                      ) -> dict[str, Any]:
+async def ensure_demo(conn: asyncpg.Connection, registration_address: str = "127.0.0.10",
+                      node_id: int | None = None) -> dict[str, Any]:
     """A distributor > reseller with one tenant and two extensions, for a first look."""
     async with conn.transaction():
         if await conn.fetchval("SELECT 1 FROM dealers WHERE login = 'demo-reseller'"):
@@ -50,9 +50,9 @@ async def ensure_demo(conn: asyncpg.Connection, registration_address: str = "127
         op = await conn.fetchrow("SELECT id, node_id FROM dealers WHERE level = 'operator'")
         dist = await conn.fetchval(
             "INSERT INTO dealers (parent_id, level, name, login, password_hash, max_tenants,"
-            " max_extensions, max_calls) VALUES ($1, 'distributor', 'Demo Distribution',"
-            " 'demo-distributor', $2, 100, 1000, 200) RETURNING id",
-            op["id"], await hash_password(secrets.token_urlsafe(18)))
+            " max_extensions, max_calls, node_id) VALUES ($1, 'distributor',"
+            " 'Demo Distribution', 'demo-distributor', $2, 100, 1000, 200, $3) RETURNING id",
+            op["id"], await hash_password(secrets.token_urlsafe(18)), node_id)
         password = secrets.token_urlsafe(18)
         reseller = await conn.fetchval(
             "INSERT INTO dealers (parent_id, level, name, login, password_hash, brand_name,"

@@ -27,13 +27,20 @@ async def _open(settings: Settings) -> Any:
     return pool
 
 
-async def _serve(settings: Settings, demo: bool) -> None:
+async def _serve(settings: Settings, demo: bool, sandbox: bool = False) -> None:
     from aiohttp import web
 
     from controlplane import bootstrap
     from controlplane.api.app import build_app
 
     pool = await _open(settings)
+    stop = asyncio.Event()
+    background: list[asyncio.Task[Any]] = []
+    node_id = None
+    if sandbox:
+        sandbox_node, agent = await _sandbox_with_agent(settings, pool, "node1", "127.0.0.2")
+        node_id = agent.node.id
+        background.append(asyncio.create_task(agent.run(stop)))
     creds_file = settings.data_dir / "credentials.json"
     async with pool.acquire() as conn:
         first: dict[str, Any] = {}
@@ -41,7 +48,7 @@ async def _serve(settings: Settings, demo: bool) -> None:
         if operator:
             first["operator"] = operator
         if demo:
-            first.update(await bootstrap.ensure_demo(conn))
+            first.update(await bootstrap.ensure_demo(conn, node_id=node_id))
     if first:
         saved = json.loads(creds_file.read_text()) if creds_file.exists() else {}
         saved.update(first)
@@ -55,13 +62,85 @@ async def _serve(settings: Settings, demo: bool) -> None:
     await site.start()
     print(f"API on http://{settings.http_host}:{settings.http_port}/ "
           f"(docs: /api/documentation)", flush=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+    await asyncio.gather(*background, return_exceptions=True)
+    if sandbox:
+        await loop.run_in_executor(None, sandbox_node.stop)
     await pool.close()
+
+
+async def _sandbox_with_agent(settings: Settings, pool: Any, name: str, address: str) -> Any:
+    from controlplane.db.pool import resolve_dsn
+    from controlplane.provisioning.agent import NodeAgent
+    from controlplane.provisioning.sandbox_nodes import start_sandbox_node
+
+    node, record = await start_sandbox_node(pool, name, address, settings.data_dir / "nodes")
+    print(f"Asterisk node {name} on {address} (SIP 5060, AMI 5038, ARI 8088)", flush=True)
+    dsn = settings.dsn or resolve_dsn(settings)
+    agent = NodeAgent(pool, record, node.tenant_config_dir, dsn=dsn, manage_interface="lo")
+    return node, agent
+
+
+async def _agent(settings: Settings, node_name: str, tenant_dir: str | None,
+                 interface: str | None) -> None:
+    from pathlib import Path
+
+    from controlplane.db.pool import resolve_dsn
+    from controlplane.provisioning.agent import NodeAgent
+    from controlplane.provisioning.desired import load_node
+
+    pool = await _open(settings)
+    async with pool.acquire() as conn:
+        record = await load_node(conn, node_name)
+    if record is None:
+        sys.exit(f"no node named {node_name!r}: create it with POST /api/v1/nodes")
+    folder = Path(tenant_dir) if tenant_dir else settings.data_dir / "nodes" / node_name / "etc" \
+        / "tenants"
+    agent = NodeAgent(pool, record, folder, dsn=settings.dsn or resolve_dsn(settings),
+                      manage_interface=interface)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.run(stop)
+    await pool.close()
+
+
+async def _render(settings: Settings, tenant_id: int) -> None:
+    from controlplane.provisioning.preview import render_tenant
+
+    pool = await _open(settings)
+    async with pool.acquire() as conn:
+        text = await render_tenant(conn, tenant_id)
+    await pool.close()
+    if text is None:
+        sys.exit(f"no tenant {tenant_id}")
+    print(text)
+
+
+def _sandbox(settings: Settings, args: argparse.Namespace) -> None:
+    from controlplane import sandbox
+
+    base = settings.data_dir / "nodes"
+    if args.action == "build":
+        print(sandbox.ensure_root(sandbox.default_cache_dir()))
+    elif args.action == "start":
+        async def start() -> None:
+            from controlplane.provisioning.sandbox_nodes import start_sandbox_node
+
+            pool = await _open(settings)
+            node, _ = await start_sandbox_node(pool, args.name, args.address, base)
+            await pool.close()
+            print(f"node {args.name} running on {args.address} (pid {node.pid})")
+        asyncio.run(start())
+    elif args.action == "stop":
+        print("stopped" if sandbox.stop_node(args.name, base) else "was not running")
+    elif args.action == "status":
+        print(json.dumps(sandbox.list_nodes(base), indent=2, default=str))
 
 
 async def _migrate(settings: Settings) -> None:
@@ -91,6 +170,16 @@ def main(argv: list[str] | None = None) -> None:
                        help="create a demo distributor, reseller, tenant and phones")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    agent = sub.add_parser("agent", help="drive one Asterisk node from the database")
+    agent.add_argument("--node", required=True, help="node name, as created in /api/v1/nodes")
+    agent.add_argument("--tenant-dir", help="where the node reads generated tenant files")
+    agent.add_argument("--interface", help="add registration addresses to this interface")
+    render = sub.add_parser("render", help="show what a tenant looks like on its node")
+    render.add_argument("--tenant", type=int, required=True)
+    sb = sub.add_parser("sandbox", help="Docker-less Asterisk nodes for development")
+    sb.add_argument("action", choices=("build", "start", "stop", "status"))
+    sb.add_argument("--name", default="node1")
+    sb.add_argument("--address", default="127.0.0.2")
     up = sub.add_parser("up", help="serve --demo, with a sandboxed Asterisk node")
     up.add_argument("--host")
     up.add_argument("--port", type=int)
@@ -111,7 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         asyncio.run(_serve(settings, args.demo))
     elif args.command == "up":
-        asyncio.run(_serve(settings, True))
+        asyncio.run(_serve(settings, True, sandbox=True))
+    elif args.command == "agent":
+        asyncio.run(_agent(settings, args.node, args.tenant_dir, args.interface))
+    elif args.command == "render":
+        asyncio.run(_render(settings, args.tenant))
+    elif args.command == "sandbox":
+        _sandbox(settings, args)
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
     elif args.command == "db":

@@ -23,7 +23,7 @@ from controlplane.db.pool import create_pool, migrate
 from controlplane.settings import Settings
 from tests.api_helper import Api
 
-TABLES = ("audit_log", "oauth_tokens", "api_clients", "dids", "number_ranges", "extensions",
+TABLES = ("registrations", "audit_log", "oauth_tokens", "api_clients", "dids", "number_ranges", "extensions",
           "plans", "tenants", "dealers", "nodes")
 
 

@@ -14,7 +14,16 @@ from controlplane.api.keys import OPENAPI, POOL, ROUTES, SETTINGS
 from controlplane.api.oauth import Handler
 from controlplane.api.problems import ApiError, from_database
 from controlplane.api.resource import Resource
-from controlplane.api.resources import audit, dealers, extensions, nodes, numbering, plans, tenants
+from controlplane.api.resources import (
+    audit,
+    dealers,
+    extensions,
+    nodes,
+    numbering,
+    plans,
+    registrations,
+    tenants,
+)
 from controlplane.api.routes import RouteTable
 from controlplane.db.pool import DatabaseUnavailable
 from controlplane.settings import Settings
@@ -84,7 +93,7 @@ def build_routes() -> RouteTable:
     routes.add("GET", "/readyz", readyz, "Database is reachable", "meta", public=True)
     oauth.register(routes)
     openapi.register(routes)
-    for module in (dealers, tenants, extensions, plans, numbering, nodes, audit):
+    for module in (dealers, tenants, extensions, plans, numbering, nodes, audit, registrations):
         module.register(routes)
     return routes
 
