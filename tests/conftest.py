@@ -23,8 +23,8 @@ from controlplane.db.pool import create_pool, migrate
 from controlplane.settings import Settings
 from tests.api_helper import Api
 
-TABLES = ("registrations", "audit_log", "oauth_tokens", "api_clients", "dids", "number_ranges", "extensions",
-          "plans", "tenants", "dealers", "nodes")
+TABLES = ("registrations", "audit_log", "oauth_tokens", "api_clients", "dids", "number_ranges",
+          "extensions", "plans", "tenants", "dealers", "nodes")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ config, stored in the node's astdb) and delete them. Every request has a timeout
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ class AriClient:
     _session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AriClient:
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         self._session = aiohttp.ClientSession(
-            auth=aiohttp.BasicAuth(self.username, self.password),
+            headers={"Authorization": f"Basic {token}"},
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             connector=aiohttp.TCPConnector(limit=self.concurrency, force_close=False),
         )

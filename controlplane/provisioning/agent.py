@@ -37,6 +37,8 @@ from controlplane.provisioning.render import (
 log = logging.getLogger(__name__)
 
 FP_FAMILY = "pbx-fp"
+# Memory caches in front of the astdb (asterisk-conf/sorcery.conf), per object type.
+CACHES = {"endpoint": "res_pjsip_endpoint", "auth": "res_pjsip_auth", "aor": "res_pjsip_aor"}
 EXT_FAMILY = "pbx-ext"
 CHANNEL = "pbx_changes"
 
@@ -233,7 +235,14 @@ class NodeAgent:
 
     async def _push(self, state: ExtensionState) -> None:
         for object_type, object_id, fields in state.objects():
-            await self.ari.put_object("res_pjsip", object_type, object_id, fields)
+            try:
+                await self.ari.put_object("res_pjsip", object_type, object_id, fields)
+            except AriError as exc:
+                if "Cannot update" not in str(exc):
+                    raise
+                # The cache still holds an object the astdb lost: forget it and create anew.
+                await self._expire_cached(object_type, object_id)
+                await self.ari.put_object("res_pjsip", object_type, object_id, fields)
         key = (state.tenant_id, state.number)
         await self._db_put(f"{EXT_FAMILY}/{state.tenant_id}", state.number, state.account_code)
         self.numbers[key] = state.account_code
@@ -256,6 +265,13 @@ class NodeAgent:
             await self._db_del(f"{EXT_FAMILY}/{marker.tenant_id}", marker.number)
             self.numbers.pop(key, None)
 
+    async def _expire_cached(self, object_type: str, object_id: str | None = None) -> None:
+        action = {"Action": "SorceryMemoryCacheExpire", "Cache": CACHES[object_type]}
+        if object_id is not None:
+            action = {"Action": "SorceryMemoryCacheExpireObject", "Cache": CACHES[object_type],
+                      "Object": object_id}
+        await self.ami.action(action)
+
     async def _db_put(self, family: str, key: str, value: str) -> None:
         reply = await self.ami.action({"Action": "DBPut", "Family": family, "Key": key,
                                        "Val": value})
@@ -277,6 +293,8 @@ class NodeAgent:
     # -- full reconcile -----------------------------------------------------------------
     async def reconcile(self) -> dict[str, int]:
         """Converge the whole node; returns what was done."""
+        for object_type in CACHES:  # read the truth, not what the node cached of it
+            await self._expire_cached(object_type)
         await self._reconcile_transports()
         fp = await self._db_tree(FP_FAMILY)
         self.markers = {k: m for k, v in fp.items() if (m := Marker.parse(v)) is not None}
