@@ -53,9 +53,11 @@ async def _serve(settings: Settings, demo: bool, sandbox: bool = False) -> None:
         saved = json.loads(creds_file.read_text()) if creds_file.exists() else {}
         saved.update(first)
         bootstrap.save_credentials(creds_file, saved)
-    if creds_file.exists():
-        print(f"Credentials created at first start ({creds_file}):")
-        print(creds_file.read_text())
+        print(f"First-start credentials written to {creds_file} (mode 0600).", flush=True)
+    if demo and creds_file.exists():
+        # Development only (`pbxctl up`): show the demo's logins and the phones' SIP accounts.
+        print(f"Credentials ({creds_file}):")
+        print(creds_file.read_text(), flush=True)
     runner = web.AppRunner(build_app(settings, pool), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "dialplan_templates"
+TEMPLATES = Path(os.environ.get("PBX_TEMPLATES",
+                                Path(__file__).resolve().parents[2] / "dialplan_templates"))
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f;\[\]\\]")
 CODECS = "ulaw,alaw,gsm"
 
