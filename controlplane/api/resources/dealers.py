@@ -60,7 +60,8 @@ DEALER_FIELDS = {
 COLUMNS = ("id, parent_id, path, level::text AS level, name, login, active, brand_name,"
            " logo_mime, portal_domain, portal_url, registration_address, node_id, max_tenants,"
            " max_extensions, max_calls, tenant_count, extension_count,"
-           " billing_mode::text AS billing_mode, balance, credit_limit, created_at, updated_at")
+           " billing_mode::text AS billing_mode, balance::text AS balance,"
+           " credit_limit::text AS credit_limit, created_at, updated_at")
 
 
 class Dealers(Resource):
@@ -70,6 +71,8 @@ class Dealers(Resource):
     alias = "d"
     tag = "dealers"
     select_sql = (f"SELECT {', '.join('d.' + c.strip() for c in COLUMNS.split(','))},"
+                  " CASE WHEN d.logo_mime IS NOT NULL"
+                  "  THEN '/api/v1/dealers/' || d.id || '/logo' END AS logo_url,"
                   " d.path AS owner_path FROM dealers d WHERE d.path @> ARRAY[$1]::bigint[]")
     create_schema = F.Schema("dealer_create", DEALER_FIELDS)
     update_schema = F.Schema("dealer_update", DEALER_FIELDS).without("parent_id", "level")
@@ -82,11 +85,6 @@ class Dealers(Resource):
         subtree_filter("d.path"),
     )
     columns = frozenset(DEALER_FIELDS) - {"password"} | {"password_hash"}
-
-    def present(self, row: asyncpg.Record) -> dict[str, Any]:
-        out = super().present(row)
-        out["logo_url"] = f"/api/v1/dealers/{row['id']}/logo" if row["logo_mime"] else None
-        return out
 
     async def before_create(self, conn: asyncpg.Connection, p: Principal,
                             data: dict[str, Any]) -> dict[str, Any]:

@@ -63,7 +63,12 @@ class Extensions(Resource):
     table = "extensions"
     alias = "e"
     tag = "extensions"
-    select_sql = ("SELECT e.*, t.dealer_id,"
+    select_sql = ("SELECT e.id, e.tenant_id, e.number, e.name, e.account_code, e.sip_password,"
+                  " e.active, e.max_calls, e.callerid_enabled, e.callerid_number,"
+                  " e.billing_type, e.credit_limit::text AS credit_limit, e.plan_id,"
+                  " e.intl_plan_id, e.invoice_day, e.allow_local, e.allow_national,"
+                  " e.allow_international, e.allow_vc1, e.allow_vc2, e.allow_vc3, e.created_at,"
+                  " e.updated_at, t.dealer_id,"
                   " d.path AS owner_path"
                   " FROM extensions e JOIN tenants t ON t.id = e.tenant_id"
                   " JOIN dealers d ON d.id = t.dealer_id WHERE d.path @> ARRAY[$1]::bigint[]")

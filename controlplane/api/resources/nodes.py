@@ -8,7 +8,7 @@ import asyncpg
 
 from controlplane.api import fields as F
 from controlplane.api.problems import conflict, forbidden
-from controlplane.api.resource import Resource, register_crud, text_filter
+from controlplane.api.resource import RawJson, Resource, register_crud, text_filter
 from controlplane.api.routes import RouteTable
 from controlplane.model.principal import Principal
 
@@ -54,7 +54,7 @@ class Nodes(Resource):
         return await super().get(conn, p, key, lock=lock)
 
     async def list(self, conn: asyncpg.Connection, p: Principal,
-                   query: dict[str, str]) -> dict[str, Any]:
+                   query: dict[str, str]) -> RawJson:
         self._operator_only(p)
         return await super().list(conn, p, query)
 

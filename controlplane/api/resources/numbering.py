@@ -81,7 +81,9 @@ class Dids(Resource):
     table = "dids"
     alias = "x"
     tag = "numbering"
-    select_sql = ("SELECT x.*, r.dealer_id, d.path AS owner_path FROM dids x"
+    select_sql = ("SELECT x.id, x.range_id, x.local_number, x.e164, x.extension_id,"
+                  " x.monthly_value::text AS monthly_value, x.collect_calls, x.created_at,"
+                  " x.updated_at, r.dealer_id, d.path AS owner_path FROM dids x"
                   " JOIN number_ranges r ON r.id = x.range_id"
                   " JOIN dealers d ON d.id = r.dealer_id WHERE d.path @> ARRAY[$1]::bigint[]")
     create_schema = F.Schema("did_create", DID_FIELDS)
