@@ -62,6 +62,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
         return ApiError(503, "Service unavailable", "the database is unreachable; retry later",
                         kind="unavailable", headers={"Retry-After": "5"}).response()
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unexpected error (incident %s) on %s %s", incident, request.method,
+                      request.path)
+        return ApiError(500, "Internal error", f"incident {incident}", kind="internal").response()
 
 
 async def healthz(request: web.Request) -> web.Response:

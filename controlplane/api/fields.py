@@ -27,6 +27,26 @@ class FieldError(ValueError):
     """One field's value is not acceptable; the message says why."""
 
 
+def storable(value: str) -> str:
+    """Refuse text PostgreSQL cannot hold (NUL) or UTF-8 cannot encode (lone surrogates)."""
+    if "\x00" in value:
+        raise FieldError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FieldError("must be valid Unicode text") from exc
+    return value
+
+
+def is_ascii_digits(raw: str) -> bool:
+    """str.isdigit() also accepts '²' and '①', which int() refuses."""
+    return raw.isascii() and raw.isdigit()
+
+
+# No character below 0x21 nor DEL: what a host name or URL may never contain.
+_BLANK_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 @dataclass(frozen=True)
 class Field:
     """A request field: its JSON Schema for the docs and a parser that checks and converts."""
@@ -63,9 +83,10 @@ def _text_parser(
             raise FieldError("must be a string")
         if not min_len <= len(value) <= max_len:
             raise FieldError(f"must be {min_len} to {max_len} characters long")
+        storable(value)
         if value != value.strip():
             raise FieldError("must not start or end with white space")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise FieldError(f"must be {what}")
         return value
 
@@ -92,6 +113,7 @@ def notes(max_len: int = 2000, description: str = "") -> Field:
             raise FieldError("must be a string")
         if len(value) > max_len:
             raise FieldError(f"must be at most {max_len} characters long")
+        storable(value)
         if NOTES_FORBIDDEN.search(value):
             raise FieldError("must not contain control characters other than new lines and tabs")
         return value
@@ -146,13 +168,15 @@ def choice(values: tuple[str, ...], description: str = "", *, required: bool = F
                  description=description)
 
 
-def money(minimum: Decimal = Decimal("-9999999999"), maximum: Decimal = Decimal("9999999999"), *,
-          required: bool = False, description: str = "") -> Field:
-    """An amount, given as a JSON number or a decimal string; at most 4 decimal places."""
+def money(minimum: Decimal = Decimal("-1000000000"), maximum: Decimal = Decimal("1000000000"), *,
+          required: bool = False, description: str = "", places: int = 4) -> Field:
+    """An amount, given as a JSON number or a decimal string, with at most `places` decimals."""
 
     def parse(value: Any) -> Decimal:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise FieldError("must be a number or a decimal string")
+        if isinstance(value, str) and (len(value) > 40 or not value.isascii()):
+            raise FieldError("must be a decimal number")
         try:
             amount = Decimal(str(value))
         except InvalidOperation as exc:
@@ -161,11 +185,12 @@ def money(minimum: Decimal = Decimal("-9999999999"), maximum: Decimal = Decimal(
             raise FieldError("must be a finite number")
         if not minimum <= amount <= maximum:
             raise FieldError(f"must be between {minimum} and {maximum}")
-        if amount != amount.quantize(Decimal("0.0001")):
-            raise FieldError("must have at most 4 decimal places")
+        if amount != amount.quantize(Decimal(1).scaleb(-places)):
+            raise FieldError(f"must have at most {places} decimal places")
         return amount
 
-    return Field({"type": ["number", "string"], "pattern": r"^-?[0-9]+(\.[0-9]{1,4})?$"}, parse,
+    return Field({"type": ["number", "string"],
+                  "pattern": rf"^-?[0-9]+(\.[0-9]{{1,{places}}})?$"}, parse,
                  required=required, description=description)
 
 
@@ -175,12 +200,14 @@ def _parse_host(value: Any) -> str:
     if "%" in value:
         # ipaddress accepts any text as an IPv6 zone id, new lines included.
         raise FieldError("must not carry an IPv6 zone id")
+    if _BLANK_OR_CONTROL.search(value) or not value.isascii():
+        raise FieldError("must be an IP address or a host name in ASCII, with no blanks")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
     host = value.lower().rstrip(".")
-    if not HOSTNAME.match(host) or host.replace(".", "").isdigit():
+    if not HOSTNAME.fullmatch(host) or host.replace(".", "").isdigit():
         raise FieldError("must be an IP address or a fully qualified host name")
     return host
 
@@ -192,10 +219,10 @@ def host(description: str = "", *, required: bool = False, nullable: bool = Fals
 
 def domain(description: str = "", *, required: bool = False, nullable: bool = False) -> Field:
     def parse(value: Any) -> str:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or _BLANK_OR_CONTROL.search(value) or not value.isascii():
             raise FieldError("must be a host name")
         name = value.lower().rstrip(".")
-        if "." not in name or not HOSTNAME.match(name) or name.replace(".", "").isdigit():
+        if "." not in name or not HOSTNAME.fullmatch(name) or name.replace(".", "").isdigit():
             raise FieldError("must be a fully qualified domain name such as pbx.example.com")
         return name
 
@@ -207,6 +234,9 @@ def url(description: str = "", *, required: bool = False, nullable: bool = False
     def parse(value: Any) -> str:
         if not isinstance(value, str) or len(value) > 500:
             raise FieldError("must be an http(s) URL of at most 500 characters")
+        if _BLANK_OR_CONTROL.search(value) or not value.isascii():
+            raise FieldError("must be an ASCII URL with no blanks or control characters "
+                             "(percent-encode anything else)")
         scheme, sep, rest = value.partition("://")
         if scheme not in ("http", "https") or not sep:
             raise FieldError("must start with http:// or https://")
@@ -216,7 +246,7 @@ def url(description: str = "", *, required: bool = False, nullable: bool = False
             name, port = hostport, ""
         else:
             name, _, port = hostport.partition(":")
-        if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        if port and (not is_ascii_digits(port) or not 0 < int(port) < 65536):
             raise FieldError("has an invalid port")
         _parse_host(name.strip("[]"))
         if any(c in value for c in " \"'<>\\^`{|}") or NOTES_FORBIDDEN.search(value):
@@ -233,7 +263,7 @@ def cidr_list(description: str = "", *, required: bool = False) -> Field:
             raise FieldError("must be a list of 1 to 50 networks such as 203.0.113.7/32")
         out = []
         for item in value:
-            if not isinstance(item, str) or "%" in item:
+            if not isinstance(item, str) or "%" in item or not item.isascii():
                 raise FieldError("every network must be a string such as 192.0.2.0/24")
             try:
                 out.append(str(ipaddress.ip_network(item, strict=True)))
@@ -250,6 +280,7 @@ def password(description: str = "", *, required: bool = False, min_len: int = 8)
     def parse(value: Any) -> str:
         if not isinstance(value, str) or not min_len <= len(value) <= 128:
             raise FieldError(f"must be a string of {min_len} to 128 characters")
+        storable(value)
         if NOTES_FORBIDDEN.search(value) or "\n" in value or "\t" in value:
             raise FieldError("must not contain control characters")
         return value

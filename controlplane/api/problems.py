@@ -107,6 +107,10 @@ STATE_CONFLICTS = {"dealer_balance_floor", "tenant_caps_above_extensions", "rang
 def from_database(exc: asyncpg.PostgresError) -> ApiError | None:
     """A refusal by a constraint or trigger, as the client should see it; None if unknown."""
     name = getattr(exc, "constraint_name", None) or ""
+    if isinstance(exc, asyncpg.RestrictViolationError):
+        return conflict("the object is still in use by other objects")
+    if isinstance(exc, asyncpg.NumericValueOutOfRangeError):
+        return conflict("the result would be out of the range the platform keeps")
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         if "still referenced" in (getattr(exc, "detail", None) or ""):
             return conflict("the object is still in use by other objects")

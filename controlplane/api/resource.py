@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from controlplane.api.fields import FieldError, Schema, ValidationFailed
+from controlplane.api.fields import FieldError, Schema, ValidationFailed, is_ascii_digits
 from controlplane.api.keys import POOL, PRINCIPAL
 from controlplane.api.problems import ApiError, from_validation, invalid, not_found
 from controlplane.api.routes import QueryParam, RouteTable
@@ -39,7 +39,7 @@ class Filter:
 
 def int_filter(name: str, condition: str, description: str) -> Filter:
     def parse(raw: str) -> int:
-        if not raw.isdigit() or len(raw) > 18:
+        if not is_ascii_digits(raw) or len(raw) > 18:
             raise FieldError("must be a positive integer")
         return int(raw)
 
@@ -90,7 +90,7 @@ def principal_of(request: web.Request) -> Principal:
 
 def path_id(request: web.Request, name: str = "id") -> int:
     raw = request.match_info[name]
-    if not raw.isdigit() or len(raw) > 18:
+    if not is_ascii_digits(raw) or len(raw) > 18:
         raise not_found()
     return int(raw)
 
@@ -101,6 +101,9 @@ async def read_json(request: web.Request) -> Any:
                        kind="media-type")
     try:
         return json.loads(await request.read())
+    except RecursionError as exc:
+        raise ApiError(400, "Malformed JSON", "the body is nested too deeply",
+                       kind="malformed") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "Malformed JSON", f"the body is not valid JSON ({exc})",
                        kind="malformed") from exc
@@ -155,11 +158,11 @@ class Resource:
         for key, raw in query.items():
             try:
                 if key == "limit":
-                    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+                    if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
                         raise FieldError(f"must be an integer from 1 to {MAX_PAGE}")
                     limit = int(raw)
                 elif key == "after":
-                    if not raw.isdigit() or len(raw) > 18:
+                    if not is_ascii_digits(raw) or len(raw) > 18:
                         raise FieldError("must be the next_after value of the previous page")
                     after = int(raw)
                 elif key in known:

@@ -11,12 +11,16 @@ from controlplane.api.routes import RouteTable
 
 def _time_filter(name: str, condition: str, description: str) -> Filter:
     def parse(raw: str) -> datetime:
+        if len(raw) > 40 or not raw.isascii():
+            raise FieldError("must be an ISO 8601 date-time with offset")
         try:
             value = datetime.fromisoformat(raw)
         except ValueError as exc:
             raise FieldError("must be an ISO 8601 date-time with offset") from exc
         if value.tzinfo is None:
             raise FieldError("must include a UTC offset, e.g. 2026-01-31T00:00:00Z")
+        if not 1970 <= value.year <= 9998:
+            raise FieldError("must be between the years 1970 and 9998")
         return value
 
     return Filter(name, condition, parse, {"type": "string", "format": "date-time"}, description)

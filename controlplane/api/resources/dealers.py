@@ -118,10 +118,15 @@ class Dealers(Resource):
             raise forbidden("a dealer cannot delete itself")
         used = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM dealers WHERE parent_id = $1) AS children,"
-            " (SELECT count(*) FROM tenants WHERE dealer_id = $1) AS tenants", current["id"])
-        if used["children"] or used["tenants"]:
-            raise conflict(f"the dealer still has {used['children']} sub-dealers and "
-                           f"{used['tenants']} tenants; deactivate it (active=false) instead")
+            " (SELECT count(*) FROM tenants WHERE dealer_id = $1) AS tenants,"
+            " (SELECT count(*) FROM plans WHERE dealer_id = $1) AS plans,"
+            " (SELECT count(*) FROM number_ranges WHERE dealer_id = $1) AS ranges",
+            current["id"])
+        if any(used.values()):
+            raise conflict(f"the dealer still has {used['children']} sub-dealers, "
+                           f"{used['tenants']} tenants, {used['plans']} plans and "
+                           f"{used['ranges']} number ranges; deactivate it (active=false) "
+                           "instead")
 
     async def require_descendant(self, conn: asyncpg.Connection, p: Principal,
                                  key: int, *, lock: bool = False) -> asyncpg.Record:
@@ -136,7 +141,8 @@ DEALERS = Dealers()
 
 API_CLIENT_SCHEMA = F.Schema("api_client_create", {
     "name": F.text(100, required=True),
-    "email": F.pattern(r"^[^@\s;,<>]+@[^@\s;,<>]+$", "an e-mail address", max_len=254),
+    "email": F.pattern(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", "an e-mail address",
+                       max_len=254),
     "allowed_cidrs": F.cidr_list("source networks allowed to use these credentials",
                                  required=True),
 })

@@ -9,7 +9,7 @@ import asyncpg
 from aiohttp import web
 
 from controlplane.api import fields as F
-from controlplane.api.fields import FieldError
+from controlplane.api.fields import FieldError, is_ascii_digits
 from controlplane.api.keys import POOL
 from controlplane.api.problems import invalid
 from controlplane.api.resource import (
@@ -70,7 +70,8 @@ DID_FIELDS = {
     "local_number": F.integer(0, LOCAL_NUMBER_MAX, required=True,
                               description="number inside the range (without country/area)"),
     "extension_id": F.reference("extension the DID rings", nullable=True),
-    "monthly_value": F.money(Decimal(0), description="monthly fee"),
+    "monthly_value": F.money(Decimal(0), Decimal("9999999999.99"), places=2,
+                             description="monthly fee"),
     "collect_calls": F.boolean("accept collect calls"),
 }
 
@@ -136,12 +137,12 @@ async def range_numbers(request: web.Request) -> web.Response:
             raise FieldError("status must be available or in_use")
         if "limit" in request.query:
             raw = request.query["limit"]
-            if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+            if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
                 raise FieldError(f"limit must be an integer from 1 to {MAX_PAGE}")
             limit = int(raw)
         if "after" in request.query:
             raw = request.query["after"]
-            if not raw.isdigit() or len(raw) > 13:
+            if not is_ascii_digits(raw) or len(raw) > 13:
                 raise FieldError("after must be a local number")
             after = int(raw)
     except FieldError as exc:
