@@ -109,6 +109,16 @@ async def read_json(request: web.Request) -> Any:
                        kind="malformed") from exc
 
 
+async def managed_owner(conn: asyncpg.Connection, p: Principal, data: dict[str, Any],
+                        field: str = "dealer_id") -> int:
+    """The owning dealer named in `data` (the caller's own by default), if the caller manages it."""
+    owner = data.setdefault(field, p.scope_id)
+    if not await conn.fetchval("SELECT 1 FROM dealers WHERE id = $1 AND"
+                               " path @> ARRAY[$2]::bigint[]", owner, p.scope_id):
+        raise invalid([(f"/{field}", "is not a dealer you manage")])
+    return int(owner)
+
+
 def validate(schema: Schema, body: Any, *, partial: bool = False) -> dict[str, Any]:
     try:
         return schema.validate(body, partial=partial)

@@ -17,6 +17,7 @@ from controlplane.api.resource import (
     Resource,
     int_filter,
     json_response,
+    managed_owner,
     path_id,
     principal_of,
     register_crud,
@@ -56,10 +57,7 @@ class NumberRanges(Resource):
 
     async def before_create(self, conn: asyncpg.Connection, p: Principal,
                             data: dict[str, Any]) -> dict[str, Any]:
-        owner = data.setdefault("dealer_id", p.scope_id)
-        if not await conn.fetchval("SELECT 1 FROM dealers WHERE id = $1 AND"
-                                   " path @> ARRAY[$2]::bigint[]", owner, p.scope_id):
-            raise invalid([("/dealer_id", "is not a dealer you manage")])
+        await managed_owner(conn, p, data)
         return data
 
 
