@@ -24,6 +24,7 @@ import asyncpg
 
 from controlplane.asterisk.ami import AmiSession, AmiUnavailable
 from controlplane.asterisk.ari import AriClient, AriError
+from controlplane.calls.node_control import CallControl, CallControlConfig
 from controlplane.provisioning import desired
 from controlplane.provisioning.desired import NodeRecord
 from controlplane.provisioning.registrations import RegistrationTracker
@@ -75,7 +76,8 @@ class Pending:
 class NodeAgent:
     def __init__(self, pool: asyncpg.Pool, node: NodeRecord, tenant_dir: Path, *,
                  dsn: str, debounce: float = 0.25, concurrency: int = 16,
-                 manage_interface: str | None = None, timeout: float = 5.0) -> None:
+                 manage_interface: str | None = None, timeout: float = 5.0,
+                 calls: CallControlConfig | None = None) -> None:
         self.pool, self.node, self.dsn = pool, node, dsn
         self.tenant_dir = tenant_dir
         self.debounce, self.concurrency, self.timeout = debounce, concurrency, timeout
@@ -91,6 +93,9 @@ class NodeAgent:
         self.wake = asyncio.Event()
         self.dialplan_dirty = asyncio.Event()
         self.registrations = RegistrationTracker(pool, node.id, self.ami)
+        # Call control shares the node's AMI and ARI links (one login, one resync).
+        self.calls = CallControl(pool, node.id, node.name, self.ami, self.ari, dsn,
+                                 calls or CallControlConfig())
         self.applied = 0
         self.reconciles = 0
         self.idle = asyncio.Event()
@@ -102,7 +107,7 @@ class NodeAgent:
         async with self.ari:
             tasks = [asyncio.create_task(c) for c in (
                 self.ami.run(stop), self._listen(stop), self._work(stop),
-                self._flush_dialplan(stop))]
+                self._flush_dialplan(stop), self.calls.run(stop))]
             await stop.wait()
             self.wake.set()
             self.dialplan_dirty.set()

@@ -111,6 +111,11 @@ class SandboxNode:
         return self.state_dir / "log"
 
     @property
+    def cdr_file(self) -> Path:
+        """The node's CDR file (asterisk-conf/cdr_custom.conf), as seen from the host."""
+        return self.log_dir / "cdr-custom" / "pbx-cdr.csv"
+
+    @property
     def log_file(self) -> Path:
         return self.log_dir / LOG_FILE
 
@@ -253,6 +258,9 @@ class SandboxNode:
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         for sub in ASTERISK_OWNED:
             os.chown(self.state_dir / sub, uid, gid)
+        # cdr_custom writes the node's CDR file here and does not create the folder itself
+        self.cdr_file.parent.mkdir(exist_ok=True)
+        os.chown(self.cdr_file.parent, uid, gid)
         system = self.state_dir / "system"
         hostname = socket.gethostname()
         names = " ".join(dict.fromkeys([hostname, hostname.split(".", 1)[0]]))

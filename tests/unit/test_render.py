@@ -94,10 +94,10 @@ def test_tenant_dialplan_holds_only_its_own_contexts(tenant, name):
         "plane, do not edit."
 
 
-def test_internal_context_matches_digits_only():
+def test_internal_context_sends_every_number_to_admission_with_its_own_tenant():
     text = render_tenant_dialplan(TenantState(7, "Acme"))
-    patterns = re.findall(r"^exten => (_X+),", text, flags=re.M)
-    assert patterns == ["_" + "X" * n for n in range(2, 9)]
+    patterns = re.findall(r"^exten => (\S+?),1,Gosub\(pbx-call,s,1\((\d+),", text, flags=re.M)
+    assert patterns == [("_X.", "7"), ("_+X.", "7")]
 
 
 @pytest.mark.parametrize("value", ["a\nb", "a;b", "[x]", "x\\y", " padded", "nul\x00"])

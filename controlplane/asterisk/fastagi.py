@@ -1,0 +1,145 @@
+"""A small FastAGI server: Asterisk's `AGI(agi://host:port/script,args...)` asks, a handler
+answers with channel variables to set.
+
+Each request is bounded: the AGI environment must arrive within `read_timeout`, the handler
+must answer within `handler_timeout` (otherwise `on_timeout` answers instead, e.g. the
+admission policy for an unreachable database), and Asterisk must acknowledge every command
+within `read_timeout`. A call never waits on a stuck peer longer than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_LINES = 200
+MAX_LINE = 4096
+
+
+@dataclass(frozen=True)
+class AgiRequest:
+    script: str
+    args: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def channel(self) -> str:
+        return self.env.get("agi_channel", "")
+
+    @property
+    def uniqueid(self) -> str:
+        return self.env.get("agi_uniqueid", "")
+
+    @property
+    def callerid(self) -> str:
+        return self.env.get("agi_callerid", "")
+
+
+Handler = Callable[[AgiRequest], Awaitable[Mapping[str, str]]]
+Fallback = Callable[[AgiRequest], Mapping[str, str]]
+
+
+class AgiProtocolError(Exception):
+    pass
+
+
+def quote(value: str) -> str:
+    """A SET VARIABLE argument: quoted, with the characters AGI parsing treats specially
+    escaped; newlines cannot be carried and are refused."""
+    if "\n" in value or "\r" in value:
+        raise ValueError("an AGI value cannot hold a line break")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def read_environment(reader: asyncio.StreamReader, timeout: float) -> dict[str, str]:
+    env: dict[str, str] = {}
+    async with asyncio.timeout(timeout):
+        for _ in range(MAX_HEADER_LINES):
+            line = await reader.readline()
+            if not line:
+                raise AgiProtocolError("the connection closed inside the AGI environment")
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if text == "":
+                return env
+            key, sep, value = text.partition(":")
+            if sep:
+                env[key.strip()] = value.strip()
+    raise AgiProtocolError("the AGI environment is too long")
+
+
+def parse_request(env: Mapping[str, str]) -> AgiRequest:
+    script = env.get("agi_network_script", "").strip("/")
+    args = []
+    for n in range(1, 64):
+        value = env.get(f"agi_arg_{n}")
+        if value is None:
+            break
+        args.append(value)
+    return AgiRequest(script=script, args=tuple(args), env=dict(env))
+
+
+class FastAgiServer:
+    def __init__(self, routes: Mapping[str, Handler], *, on_timeout: Fallback,
+                 handler_timeout: float = 1.0, read_timeout: float = 2.0) -> None:
+        self.routes = dict(routes)
+        self.on_timeout = on_timeout
+        self.handler_timeout, self.read_timeout = handler_timeout, read_timeout
+        self.server: asyncio.Server | None = None
+        self.served = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE,
+                                                 reuse_address=True)
+        sock = self.server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            env = await read_environment(reader, self.read_timeout)
+            request = parse_request(env)
+            answer = await self._answer(request)
+            await self._set_variables(reader, writer, answer)
+            self.served += 1
+        except (AgiProtocolError, TimeoutError, ConnectionError, ValueError) as exc:
+            log.warning("FastAGI request failed: %s", exc)
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), self.read_timeout)
+            except (TimeoutError, ConnectionError):
+                pass
+
+    async def _answer(self, request: AgiRequest) -> Mapping[str, str]:
+        handler = self.routes.get(request.script)
+        if handler is None:
+            raise AgiProtocolError(f"no FastAGI script {request.script!r}")
+        try:
+            return await asyncio.wait_for(handler(request), self.handler_timeout)
+        except TimeoutError:
+            log.warning("FastAGI %s took longer than %.1fs: answering by policy",
+                        request.script, self.handler_timeout)
+            return self.on_timeout(request)
+
+    async def _set_variables(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             variables: Mapping[str, str]) -> None:
+        if not variables:
+            return
+        # Pipelined: every command is written at once, then every reply is read.
+        writer.write("".join(f"SET VARIABLE {name} {quote(str(value))}\n"
+                             for name, value in variables.items()).encode())
+        await writer.drain()
+        async with asyncio.timeout(self.read_timeout):
+            for _ in variables:
+                reply = await reader.readline()
+                if not reply.startswith(b"200"):
+                    raise AgiProtocolError(f"Asterisk answered {reply[:80]!r}")

@@ -1,0 +1,246 @@
+"""The decision taken on every call: may it proceed, where to, and for how long.
+
+One transaction per call takes a slot on every capped level (extension, tenant, each dealer
+ancestor: counted across all nodes, since the counters live in PostgreSQL), reserves credit
+for the first interval on the paying account, and records the call with a lease. A refusal
+rolls everything back and says why, with the SIP answer the caller gets.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from controlplane.calls import credit
+from controlplane.rating import store as rates
+from controlplane.rating.classify import (
+    FREE_CLASSES,
+    PERMISSION_FLAGS,
+    CallClass,
+    Classification,
+    classify,
+    permitted,
+)
+from controlplane.rating.tariff import Rate
+from controlplane.store import calls as store
+
+# A call not yet answered holds its slots this long without news from its node.
+LEASE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """What the node asks: see the `pbx-call` and `pbx-from-carrier` dialplan contexts."""
+
+    node_id: int
+    direction: str           # internal | external | inbound
+    dialled: str
+    caller: str              # the caller's account code (the carrier's name when inbound)
+    caller_number: str
+    tenant_id: int | None    # from the caller's context: never from the caller's input
+    channel: str             # unique id of the caller's channel
+    channel_name: str
+
+
+@dataclass
+class Decision:
+    admitted: bool
+    sip_code: int = 0
+    reason: str = ""
+    call_id: uuid.UUID | None = None
+    target: str = ""         # an account code, or the carrier's dial string
+    grant: int | None = None  # seconds of talk time granted; None: not limited
+    variables: dict[str, str] = field(default_factory=dict)
+
+    def channel_variables(self) -> dict[str, str]:
+        if not self.admitted:
+            return {"PBX_DECISION": "refuse", "PBX_SIP_CODE": str(self.sip_code),
+                    "PBX_REASON": self.reason}
+        out = {"PBX_DECISION": "admit", "PBX_CALL": str(self.call_id),
+               "PBX_TARGET": self.target, "PBX_GRANT": "" if self.grant is None else
+               str(self.grant)}
+        out.update(self.variables)
+        return out
+
+
+class Refused(Exception):
+    def __init__(self, sip_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.sip_code, self.reason = sip_code, reason
+
+
+LEVEL_REFUSAL = {"e": (486, "extension_call_limit"), "t": (503, "tenant_call_limit"),
+                 "d": (503, "dealer_call_limit")}
+
+
+def unavailable(policy: str) -> Decision:
+    """What to answer when the decision cannot be taken in time (database unreachable)."""
+    if policy == "open":
+        return Decision(False, 0, "admission_unavailable_open",
+                        variables={"PBX_DECISION": "unavailable"})
+    return Decision(False, 503, "admission_unavailable")
+
+
+def _check_party(party: asyncpg.Record | None, role: str) -> asyncpg.Record:
+    if party is None:
+        raise Refused(404 if role == "callee" else 403, f"{role}_unknown")
+    if not party["active"]:
+        raise Refused(404 if role == "callee" else 403, f"{role}_inactive")
+    if party["tenant_status"] != "active":
+        raise Refused(404 if role == "callee" else 403, f"{role}_tenant_{party['tenant_status']}")
+    if not party["dealer_active"]:
+        raise Refused(403, f"{role}_dealer_inactive")
+    return party
+
+
+def _floor(party: asyncpg.Record) -> tuple[int | None, Decimal]:
+    """(extension id of the paying account or None for the tenant's, lowest balance)."""
+    if party["shared_credit"]:
+        limit = party["tenant_credit_limit"] if party["tenant_billing_mode"] == "postpaid" \
+            else Decimal(0)
+        return None, -Decimal(limit)
+    limit = party["credit_limit"] if party["billing_type"] == "postpaid" else Decimal(0)
+    return party["extension_id"], -Decimal(limit)
+
+
+def rate_json(rate: Rate) -> str:
+    return json.dumps({"id": rate.id, "prefix": rate.prefix,
+                       "price_per_minute": str(rate.price_per_minute),
+                       "connection_fee": str(rate.connection_fee),
+                       "first_increment": rate.first_increment,
+                       "next_increment": rate.next_increment,
+                       "free_seconds": rate.free_seconds, "description": rate.description,
+                       "call_class": rate.call_class})
+
+
+def rate_from_json(raw: str | dict[str, Any] | None) -> Rate | None:
+    if raw is None:
+        return None
+    data = json.loads(raw) if isinstance(raw, str) else raw
+    return Rate(prefix=data["prefix"], price_per_minute=Decimal(data["price_per_minute"]),
+                connection_fee=Decimal(data["connection_fee"]),
+                first_increment=int(data["first_increment"]),
+                next_increment=int(data["next_increment"]),
+                free_seconds=int(data["free_seconds"]), description=data["description"],
+                call_class=data["call_class"], id=data["id"])
+
+
+class Admission:
+    def __init__(self, pool: asyncpg.Pool, *, lease: float = LEASE_SECONDS,
+                 ahead: int = credit.AHEAD_SECONDS) -> None:
+        self.pool, self.lease, self.ahead = pool, lease, ahead
+
+    async def decide(self, req: CallRequest) -> Decision:
+        try:
+            async with self.pool.acquire() as conn:
+                return await self._decide(conn, req)
+        except Refused as refusal:
+            return Decision(False, refusal.sip_code, refusal.reason)
+
+    async def _decide(self, conn: asyncpg.Connection, req: CallRequest) -> Decision:
+        if req.direction == "inbound":
+            return await self._inbound(conn, req)
+        party = _check_party(await store.caller(conn, req.caller), "caller")
+        if req.tenant_id is not None and party["tenant_id"] != req.tenant_id:
+            raise Refused(403, "caller_outside_tenant")
+        if party["node_id"] != req.node_id:
+            raise Refused(403, "caller_on_another_node")
+        if req.direction == "internal":
+            callee = _check_party(await store.extension_by_number(
+                conn, party["tenant_id"], req.dialled), "callee")
+            return await self._admit(conn, req, party, "internal", req.dialled,
+                                     target=callee["account_code"], call_class="internal")
+        return await self._outbound(conn, req, party)
+
+    async def _inbound(self, conn: asyncpg.Connection, req: CallRequest) -> Decision:
+        digits = req.dialled.lstrip("+")
+        if not digits.isascii() or not digits.isdigit():
+            raise Refused(404, "did_invalid")
+        party = _check_party(await store.did_owner(conn, "+" + digits), "callee")
+        if party["node_id"] != req.node_id:
+            raise Refused(404, "did_on_another_node")
+        return await self._admit(conn, req, party, "inbound", req.caller_number,
+                                 target=party["account_code"], call_class="inbound",
+                                 callee="+" + digits)
+
+    async def _outbound(self, conn: asyncpg.Connection, req: CallRequest,
+                        party: asyncpg.Record) -> Decision:
+        c = classify(req.dialled, party["area_code"])
+        if c.call_class == CallClass.INVALID or c.e164 is None and \
+                c.call_class not in FREE_CLASSES:
+            raise Refused(404, "number_invalid")
+        flags = {flag: party[flag] for flag in set(PERMISSION_FLAGS.values())}
+        if not permitted(c, flags):
+            raise Refused(403, f"class_forbidden_{c.call_class}")
+        carrier = await store.carrier_of(conn, req.node_id)
+        if carrier is None:
+            raise Refused(503, "no_carrier")
+        rate = None
+        if c.call_class not in FREE_CLASSES:
+            rate = await self._rate(conn, party, c)
+        number = (c.e164 or c.dialled).lstrip("+")
+        target = f"{carrier['tech_prefix']}{number}@carrier-{carrier['id']}"
+        return await self._admit(conn, req, party, "outbound", c.e164 or c.dialled,
+                                 target=target, call_class=str(c.call_class), rate=rate,
+                                 carrier_id=carrier["id"])
+
+    async def _rate(self, conn: asyncpg.Connection, party: asyncpg.Record,
+                    c: Classification) -> Rate:
+        plan = party["intl_plan_id"] if c.call_class == CallClass.INTERNATIONAL else None
+        table = await store.rate_table_of(conn, plan or party["plan_id"])
+        if table is None:
+            raise Refused(403, "no_rate_table")
+        rate = await rates.find_rate(conn, table, c.e164 or "", str(c.call_class))
+        if rate is None:
+            raise Refused(403, "no_rate")
+        return rate
+
+    async def _admit(self, conn: asyncpg.Connection, req: CallRequest, party: asyncpg.Record,
+                     direction: str, callee: str, *, target: str, call_class: str,
+                     rate: Rate | None = None, carrier_id: int | None = None,
+                     **overrides: str) -> Decision:
+        call_id = uuid.uuid4()
+        limited = rate is not None and not credit.is_free(rate)
+        grant: int | None = None
+        reserved = Decimal(0)
+        account_id = None
+        async with conn.transaction():
+            full = await store.take_slots(conn, list(party["dealer_path"]), party["tenant_id"],
+                                          party["extension_id"])
+            if full is not None:
+                raise Refused(*LEVEL_REFUSAL[full[0]])
+            if limited:
+                assert rate is not None
+                ext_id, floor = _floor(party)
+                account = await store.lock_account(conn, party["tenant_id"], ext_id)
+                available = account["balance"] - account["reserved"] - floor
+                chosen = credit.best_grant(credit.grant_options(rate, 0, Decimal(0), self.ahead),
+                                           available)
+                if chosen is None:
+                    raise Refused(402, "no_credit")
+                grant, reserved = chosen
+                account_id = account["id"]
+                await store.hold(conn, account_id, reserved)
+            await store.insert_call(conn, {
+                "id": call_id, "node_id": req.node_id, "channel": req.channel,
+                "channel_name": req.channel_name, "direction": direction,
+                "extension_id": party["extension_id"], "tenant_id": party["tenant_id"],
+                "dealer_path": list(party["dealer_path"]),
+                "caller": req.caller_number if direction == "inbound" else party["number"],
+                "callee": overrides.get("callee", callee), "call_class": call_class,
+                "carrier_id": carrier_id, "account_id": account_id,
+                "rate": rate_json(rate) if rate is not None else None, "reserved": reserved,
+                "granted_seconds": grant}, self.lease)
+        return Decision(True, call_id=call_id, target=target, grant=grant,
+                        variables={"PBX_TENANT": str(party["tenant_id"])})
+
+    async def answer(self, call_id: uuid.UUID, callee_channel: str) -> int | None:
+        """The call was answered: its granted time starts now. Returns it (None: unlimited)."""
+        async with self.pool.acquire() as conn:
+            row = await store.answered(conn, call_id, callee_channel, self.lease)
+        return None if row is None else row["granted_seconds"]

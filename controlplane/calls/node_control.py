@@ -1,0 +1,303 @@
+"""Call control for one node, run beside its provisioning agent.
+
+- A FastAGI server answers the node's dialplan: `admit` on every call, `answer` when the
+  callee picks up (the granted time starts then; Asterisk itself ends the call when it
+  runs out: TIMEOUT(absolute) on the answering channel).
+- Every `tick`, answered calls whose granted time ends within `lead` get the next interval
+  reserved and their end moved (AMI Setvar); with no credit left nothing is moved and the
+  node cuts the call on time even if this process is gone.
+- Every `lease_every`, the node's channels are listed and the leases of its calls renewed;
+  calls of any node whose lease lapsed are released (sweep).
+- The node's CDR file is imported continuously: each line stores a CDR and settles its call.
+- Carrier trunks are pushed to the node through ARI (endpoint, aor, identify).
+- Hang-up requests from the API arrive by NOTIFY and become AMI Hangup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from controlplane.asterisk.ami import AmiSession, AmiUnavailable
+from controlplane.asterisk.ari import AriClient, AriError
+from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer
+from controlplane.calls import lifecycle
+from controlplane.calls.admission import Admission, CallRequest, Decision, unavailable
+
+log = logging.getLogger(__name__)
+
+CALLS_CHANNEL = "pbx_calls"
+CARRIER_FAMILY = "pbx-carrier"
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+@dataclass
+class CallControlConfig:
+    agi_host: str = "127.0.0.1"       # where the FastAGI server listens
+    agi_port: int = 0                 # 0: any free port
+    agi_advertise: str | None = None  # the address the node dials (default agi_host)
+    cdr_file: Path | None = None      # the node's CDR file, as this process sees it
+    fail_policy: str = "closed"       # when the database cannot answer in time
+    decision_timeout: float = 1.0
+    tick: float = 0.5
+    lead: float = 10.0
+    lease: float = 30.0
+    lease_every: float = 5.0
+    cdr_every: float = 0.25
+
+
+def carrier_objects(carrier: Mapping[str, Any]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    name = f"carrier-{carrier['id']}"
+    host = carrier["host"]
+    contact = f"sip:{host}:{carrier['port']}"
+    if carrier["transport"] == "tcp":
+        contact += ";transport=tcp"
+    return [
+        ("aor", name, [("contact", contact), ("qualify_frequency", "0")]),
+        ("endpoint", name, [("context", "pbx-from-carrier"), ("aors", name),
+                            ("disallow", "all"), ("allow", "ulaw,alaw"),
+                            ("direct_media", "no"), ("rtp_symmetric", "yes"),
+                            ("send_pai", "yes"), ("trust_id_outbound", "yes")]),
+        ("identify", name, [("endpoint", name), ("match", host)]),
+    ]
+
+
+def carrier_fingerprint(carrier: Mapping[str, Any]) -> str:
+    return f"{carrier['host']}:{carrier['port']}:{carrier['transport']}"
+
+
+class CallControl:
+    def __init__(self, pool: asyncpg.Pool, node_id: int, node_name: str, ami: AmiSession,
+                 ari: AriClient, dsn: str, config: CallControlConfig) -> None:
+        self.pool, self.node_id, self.node_name = pool, node_id, node_name
+        self.ami, self.ari, self.dsn, self.config = ami, ari, dsn, config
+        self.admission = Admission(pool, lease=config.lease)
+        self.agi = FastAgiServer({"admit": self._admit, "answer": self._answer},
+                                 on_timeout=self._on_timeout,
+                                 handler_timeout=config.decision_timeout)
+        self.agi_url = ""
+        self.carriers_dirty = asyncio.Event()
+        self.hangups: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.decisions = 0
+        self.cdrs_imported = 0
+
+    # -- life ---------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        port = await self.agi.start(self.config.agi_host, self.config.agi_port)
+        self.agi_url = f"agi://{self.config.agi_advertise or self.config.agi_host}:{port}"
+        log.info("node %s: FastAGI admission at %s", self.node_name, self.agi_url)
+        self.ami.on_login(self._after_login)
+        if self.ami.connected.is_set():
+            await self._after_login()
+        loops = [self._extend_loop(stop), self._lease_loop(stop), self._listen(stop),
+                 self._carrier_loop(stop), self._hangup_loop(stop)]
+        if self.config.cdr_file is not None:
+            loops.append(self._cdr_loop(stop))
+        tasks = [asyncio.create_task(loop) for loop in loops]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.agi.close()
+
+    async def _after_login(self) -> None:
+        """The node's dialplan finds admission through globals: set them on every login."""
+        for name, value in (("PBX_AGI", self.agi_url),
+                            ("PBX_ADMISSION_FAIL", self.config.fail_policy)):
+            await self.ami.action({"Action": "Setvar", "Variable": name, "Value": value})
+        self.carriers_dirty.set()
+
+    # -- FastAGI ------------------------------------------------------------------------
+    async def _admit(self, req: AgiRequest) -> Mapping[str, str]:
+        args = list(req.args) + [""] * 4
+        tenant, direction, dialled, caller = args[:4]
+        request = CallRequest(
+            node_id=self.node_id, direction=direction, dialled=dialled, caller=caller,
+            caller_number=req.env.get("agi_callerid", ""),
+            tenant_id=int(tenant) if tenant.isdigit() else None,
+            channel=req.uniqueid, channel_name=req.channel)
+        if direction not in ("internal", "external", "inbound"):
+            return Decision(False, 404, "unknown_direction").channel_variables()
+        try:
+            decision = await self.admission.decide(request)
+        except DB_ERRORS as exc:
+            log.warning("node %s: admission failed (%s): policy %s", self.node_name, exc,
+                        self.config.fail_policy)
+            decision = unavailable(self.config.fail_policy)
+        self.decisions += 1
+        return decision.channel_variables()
+
+    def _on_timeout(self, req: AgiRequest) -> Mapping[str, str]:
+        if req.script == "admit":
+            return unavailable(self.config.fail_policy).channel_variables()
+        return {}
+
+    async def _answer(self, req: AgiRequest) -> Mapping[str, str]:
+        try:
+            call_id = uuid.UUID(req.args[0]) if req.args else None
+        except ValueError:
+            call_id = None
+        if call_id is None:
+            return {}
+        try:
+            grant = await self.admission.answer(call_id, req.channel)
+        except DB_ERRORS as exc:
+            # The end set from the admission's grant stays: the call is still cut on time.
+            log.warning("node %s: answer of %s not recorded (%s)", self.node_name, call_id, exc)
+            return {}
+        return {} if grant is None else {"TIMEOUT(absolute)": f"{grant:.3f}"}
+
+    # -- granted time ---------------------------------------------------------------------
+    async def _extend_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                for moved in await lifecycle.extend_due(self.pool, self.node_id,
+                                                        self.config.lead, self.config.lease):
+                    await self._move_end(moved)
+            except DB_ERRORS as exc:
+                log.warning("node %s: extending calls failed: %s", self.node_name, exc)
+            await _pause(stop, self.config.tick)
+
+    async def _move_end(self, moved: lifecycle.Extension) -> None:
+        if not moved.callee_channel:
+            return
+        try:
+            await self.ami.action({"Action": "Setvar", "Channel": moved.callee_channel,
+                                   "Variable": "TIMEOUT(absolute)",
+                                   "Value": f"{max(moved.seconds_left, 0.001):.3f}"})
+        except AmiUnavailable as exc:
+            log.warning("node %s: could not move the end of %s: %s", self.node_name,
+                        moved.callee_channel, exc)
+
+    # -- leases ---------------------------------------------------------------------------
+    async def channels(self) -> list[str]:
+        replies = await self.ami.action({"Action": "CoreShowChannels"}, timeout=10)
+        return [m["Uniqueid"] for m in (replies if isinstance(replies, list) else [replies])
+                if m.get("Event") == "CoreShowChannel" and m.get("Uniqueid")]
+
+    async def _lease_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                if self.ami.connected.is_set():
+                    live = await self.channels()
+                    async with self.pool.acquire() as conn:
+                        await lifecycle.store.renew_leases(conn, self.node_id, live,
+                                                           self.config.lease)
+                await lifecycle.sweep(self.pool)
+            except (AmiUnavailable, *DB_ERRORS) as exc:
+                log.warning("node %s: lease renewal failed: %s", self.node_name, exc)
+            await _pause(stop, self.config.lease_every)
+
+    # -- CDRs -----------------------------------------------------------------------------
+    async def _cdr_loop(self, stop: asyncio.Event) -> None:
+        assert self.config.cdr_file is not None
+        while not stop.is_set():
+            try:
+                self.cdrs_imported += await lifecycle.import_file(self.pool, self.node_id,
+                                                                  self.config.cdr_file)
+            except (OSError, *DB_ERRORS) as exc:
+                log.warning("node %s: CDR import failed (will retry): %s", self.node_name, exc)
+            await _pause(stop, self.config.cdr_every)
+
+    # -- carriers -------------------------------------------------------------------------
+    async def _carrier_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.carriers_dirty.wait()
+            self.carriers_dirty.clear()
+            if stop.is_set():
+                return
+            try:
+                await self.sync_carriers()
+            except (AmiUnavailable, AriError, *DB_ERRORS) as exc:
+                log.warning("node %s: carrier sync failed: %s", self.node_name, exc)
+                await _pause(stop, 2.0)
+                self.carriers_dirty.set()
+
+    async def sync_carriers(self) -> None:
+        if not self.ami.connected.is_set():
+            return
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT id, host, port, transport FROM carriers"
+                                    " WHERE node_id = $1 AND active", self.node_id)
+        want = {str(r["id"]): r for r in rows}
+        have = await self._carrier_markers()
+        for key, row in want.items():
+            if have.get(key) != carrier_fingerprint(row):
+                for object_type, object_id, fields in carrier_objects(row):
+                    await self.ari.put_object("res_pjsip", object_type, object_id, fields)
+                await self.ami.action({"Action": "DBPut", "Family": CARRIER_FAMILY, "Key": key,
+                                       "Val": carrier_fingerprint(row)})
+        for key in set(have) - set(want):
+            for object_type in ("identify", "endpoint", "aor"):
+                await self.ari.delete_object("res_pjsip", object_type, f"carrier-{key}")
+            await self.ami.action({"Action": "DBDel", "Family": CARRIER_FAMILY, "Key": key})
+
+    async def _carrier_markers(self) -> dict[str, str]:
+        replies = await self.ami.action({"Action": "DBGetTree", "Family": CARRIER_FAMILY})
+        out = {}
+        for msg in replies if isinstance(replies, list) else [replies]:
+            if msg.get("Event") == "DBGetTreeResponse":
+                out[msg["Key"][len(CARRIER_FAMILY) + 2:]] = msg["Val"]
+        return out
+
+    # -- notifications ----------------------------------------------------------------------
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        if event.get("node_id") != self.node_id:
+            return
+        if channel == CALLS_CHANNEL:
+            self.hangups.put_nowait(event)
+        elif event.get("kind") == "carrier":
+            self.carriers_dirty.set()
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+                await conn.add_listener(CALLS_CHANNEL, self._notified)
+                await conn.add_listener("pbx_changes", self._notified)
+                self.carriers_dirty.set()
+                backoff = 0.5
+                while not stop.is_set():
+                    await _pause(stop, 5)
+                    await conn.fetchval("SELECT 1", timeout=5)
+            except DB_ERRORS as exc:
+                log.warning("node %s: call notifications lost (%s)", self.node_name, exc)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    await conn.close(timeout=2)
+            await _pause(stop, backoff)
+            backoff = min(backoff * 2, 30)
+
+    async def _hangup_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            event = await self.hangups.get()
+            channel = event.get("channel_name")
+            if not channel:
+                continue
+            try:
+                await self.ami.action({"Action": "Hangup", "Channel": channel, "Cause": "16"})
+            except AmiUnavailable as exc:
+                log.warning("node %s: hangup of %s failed: %s", self.node_name, channel, exc)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

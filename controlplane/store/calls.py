@@ -1,0 +1,209 @@
+"""SQL of calls in progress: who is calling, credit accounts, the admission transaction's
+steps, grants, leases, and the end of a call with its CDR."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+_PARTY = (
+    "SELECT e.id AS extension_id, e.tenant_id, e.number, e.account_code, e.active,"
+    " e.billing_type, e.credit_limit, e.plan_id, e.intl_plan_id, e.allow_local,"
+    " e.allow_national, e.allow_international, e.allow_vc1, e.allow_vc2, e.allow_vc3,"
+    " t.status::text AS tenant_status, t.area_code, t.shared_credit,"
+    " t.billing_mode AS tenant_billing_mode, t.credit_limit AS tenant_credit_limit,"
+    " t.node_id, t.external_ref, d.path AS dealer_path, d.active AS dealer_active"
+    " FROM extensions e JOIN tenants t ON t.id = e.tenant_id"
+    " JOIN dealers d ON d.id = t.dealer_id")
+CALLER_SQL = f"{_PARTY} WHERE e.account_code = $1"
+DID_SQL = f"{_PARTY} WHERE e.id = (SELECT extension_id FROM dids WHERE e164 = $1)"
+TARGET_SQL = f"{_PARTY} WHERE e.tenant_id = $1 AND e.number = $2"
+RATE_TABLE_SQL = "SELECT rate_table_id FROM plans WHERE id = $1"
+CARRIER_SQL = ("SELECT id, tech_prefix FROM carriers WHERE node_id = $1 AND active"
+               " ORDER BY priority, id LIMIT 1")
+
+
+async def caller(conn: asyncpg.Connection, account_code: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(CALLER_SQL, account_code)
+
+
+async def did_owner(conn: asyncpg.Connection, e164: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(DID_SQL, e164)
+
+
+async def extension_by_number(conn: asyncpg.Connection, tenant_id: int,
+                              number: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(TARGET_SQL, tenant_id, number)
+
+
+async def rate_table_of(conn: asyncpg.Connection, plan_id: int | None) -> int | None:
+    if plan_id is None:
+        return None
+    value = await conn.fetchval(RATE_TABLE_SQL, plan_id)
+    return int(value) if value is not None else None
+
+
+async def carrier_of(conn: asyncpg.Connection, node_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(CARRIER_SQL, node_id)
+
+
+async def take_slots(conn: asyncpg.Connection, path: list[int], tenant_id: int,
+                     extension_id: int | None) -> str | None:
+    """One slot on every capped level, or the level that is full (nothing taken then,
+    once the caller's transaction rolls back)."""
+    full = await conn.fetchval("SELECT take_call_slots($1, $2, $3)", path, tenant_id,
+                               extension_id)
+    return str(full) if full is not None else None
+
+
+async def lock_account(conn: asyncpg.Connection, tenant_id: int,
+                       extension_id: int | None) -> asyncpg.Record:
+    """The paying account, created at zero when it does not exist yet, locked until the
+    transaction ends."""
+    if extension_id is None:
+        sql = ("INSERT INTO credit_accounts (tenant_id) VALUES ($1)"
+               " ON CONFLICT (tenant_id) WHERE extension_id IS NULL"
+               " DO UPDATE SET updated_at = credit_accounts.updated_at"
+               " RETURNING id, balance, reserved")
+        return await conn.fetchrow(sql, tenant_id)
+    sql = ("INSERT INTO credit_accounts (tenant_id, extension_id) VALUES ($1, $2)"
+           " ON CONFLICT (extension_id) DO UPDATE SET updated_at = credit_accounts.updated_at"
+           " RETURNING id, balance, reserved")
+    return await conn.fetchrow(sql, tenant_id, extension_id)
+
+
+async def lock_account_by_id(conn: asyncpg.Connection, account_id: int) -> asyncpg.Record:
+    return await conn.fetchrow("SELECT id, balance, reserved FROM credit_accounts"
+                               " WHERE id = $1 FOR UPDATE", account_id)
+
+
+async def hold(conn: asyncpg.Connection, account_id: int, amount: Decimal) -> None:
+    await conn.execute("UPDATE credit_accounts SET reserved = reserved + $2, updated_at = now()"
+                       " WHERE id = $1", account_id, amount)
+
+
+INSERT_CALL = (
+    "INSERT INTO calls (id, node_id, channel, channel_name, direction, extension_id, tenant_id,"
+    " dealer_path, caller, callee, call_class, carrier_id, account_id, rate, reserved,"
+    " granted_seconds, lease_until)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,"
+    " now() + make_interval(secs => $17))")
+
+
+async def insert_call(conn: asyncpg.Connection, values: dict[str, Any], lease: float) -> None:
+    await conn.execute(INSERT_CALL, values["id"], values["node_id"], values["channel"],
+                       values["channel_name"], values["direction"], values["extension_id"],
+                       values["tenant_id"], values["dealer_path"], values["caller"],
+                       values["callee"], values["call_class"], values["carrier_id"],
+                       values["account_id"], values["rate"], values["reserved"],
+                       values["granted_seconds"], lease)
+
+
+async def answered(conn: asyncpg.Connection, call_id: UUID, callee_channel: str,
+                   lease: float) -> asyncpg.Record | None:
+    """Mark the call answered now; its granted time starts. Returns the seconds left."""
+    return await conn.fetchrow(
+        "UPDATE calls SET answered_at = now(), callee_channel = $2,"
+        " granted_until = now() + make_interval(secs => granted_seconds),"
+        " lease_until = greatest(lease_until, now() + make_interval(secs => $3))"
+        " WHERE id = $1 AND answered_at IS NULL RETURNING granted_seconds", call_id,
+        callee_channel, lease)
+
+
+DUE_SQL = (
+    "SELECT c.id, c.account_id, c.rate, c.reserved, c.granted_seconds, c.callee_channel"
+    " FROM calls c WHERE c.node_id = $1 AND c.answered_at IS NOT NULL"
+    " AND c.granted_seconds IS NOT NULL AND c.granted_until < now() + make_interval(secs => $2)"
+    " AND NOT c.exhausted")
+
+
+async def due_for_more(conn: asyncpg.Connection, node_id: int,
+                       lead: float) -> list[asyncpg.Record]:
+    return await conn.fetch(DUE_SQL, node_id, lead)
+
+
+async def lock_call(conn: asyncpg.Connection, call_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM calls WHERE id = $1 FOR UPDATE", call_id)
+
+
+async def extend(conn: asyncpg.Connection, call_id: UUID, seconds: int, extra: Decimal,
+                 lease: float) -> float:
+    """Grant the call `seconds` in all; returns the seconds from now to the new end."""
+    return float(await conn.fetchval(
+        "UPDATE calls SET granted_seconds = $2, reserved = reserved + $3,"
+        " granted_until = answered_at + make_interval(secs => $2),"
+        " lease_until = greatest(lease_until, now() + make_interval(secs => $4))"
+        " WHERE id = $1"
+        " RETURNING extract(epoch FROM granted_until - now())", call_id, seconds, extra, lease))
+
+
+async def mark_exhausted(conn: asyncpg.Connection, call_id: UUID) -> None:
+    await conn.execute("UPDATE calls SET exhausted = true WHERE id = $1", call_id)
+
+
+async def renew_leases(conn: asyncpg.Connection, node_id: int, channels: list[str],
+                       lease: float) -> int:
+    status = await conn.execute(
+        "UPDATE calls SET lease_until = greatest(lease_until, now() + make_interval(secs => $3))"
+        " WHERE node_id = $1 AND channel = ANY ($2::text[])", node_id, channels, lease)
+    return int(status.split()[-1])
+
+
+async def expired(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
+    """Calls whose lease lapsed, locked for this transaction (others skip them)."""
+    return await conn.fetch("SELECT * FROM calls WHERE lease_until < now()"
+                            " ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED", limit)
+
+
+async def settle(conn: asyncpg.Connection, call: asyncpg.Record, price: Decimal) -> None:
+    """The call is over: release its slots and its reservation, charge its price."""
+    await conn.execute("SELECT release_call_slots($1, $2, $3)", call["dealer_path"],
+                       call["tenant_id"], call["extension_id"])
+    if call["account_id"] is not None:
+        balance = await conn.fetchval(
+            "UPDATE credit_accounts SET balance = balance - $2, reserved = reserved - $3,"
+            " updated_at = now() WHERE id = $1 RETURNING balance", call["account_id"], price,
+            call["reserved"])
+        if price and balance is not None:
+            await conn.execute(
+                "INSERT INTO credit_movements (account_id, amount, balance, reason, call_id)"
+                " VALUES ($1, $2, $3, 'call', $4)", call["account_id"], -price, balance,
+                call["id"])
+    await conn.execute("DELETE FROM calls WHERE id = $1", call["id"])
+
+
+CDR_COLUMNS = ("node_id", "uniqueid", "sequence", "call_id", "direction", "tenant_id",
+               "extension_id", "dealer_path", "external_ref", "caller", "callee", "call_class",
+               "carrier_id", "started_at", "answered_at", "ended_at", "duration",
+               "talk_seconds", "billed_seconds", "rate_prefix", "price_per_minute", "price",
+               "disposition", "hangup_cause", "refusal", "sip_code")
+INSERT_CDR = (f"INSERT INTO cdrs ({', '.join(CDR_COLUMNS)}) VALUES"
+              f" ({', '.join(f'${i}' for i in range(1, len(CDR_COLUMNS) + 1))})"
+              " ON CONFLICT (node_id, uniqueid, sequence) DO NOTHING RETURNING id")
+
+
+async def insert_cdr(conn: asyncpg.Connection, values: dict[str, Any]) -> bool:
+    """Store a CDR once: a second import of the same node line changes nothing."""
+    return await conn.fetchval(INSERT_CDR, *(values.get(c) for c in CDR_COLUMNS)) is not None
+
+
+async def tenant_facts(conn: asyncpg.Connection, tenant_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT t.id, t.external_ref, d.path AS dealer_path FROM tenants t"
+        " JOIN dealers d ON d.id = t.dealer_id WHERE t.id = $1", tenant_id)
+
+
+async def import_position(conn: asyncpg.Connection, node_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT file_id, offset_ FROM cdr_import_state WHERE node_id = $1",
+                               node_id)
+
+
+async def save_position(conn: asyncpg.Connection, node_id: int, file_id: str,
+                        offset: int) -> None:
+    await conn.execute(
+        "INSERT INTO cdr_import_state (node_id, file_id, offset_) VALUES ($1, $2, $3)"
+        " ON CONFLICT (node_id) DO UPDATE SET file_id = $2, offset_ = $3, updated_at = now()",
+        node_id, file_id, offset)
