@@ -24,7 +24,7 @@ from controlplane.settings import Settings
 from tests.api_helper import Api
 
 TABLES = ("registrations", "audit_log", "oauth_tokens", "api_clients", "dids", "number_ranges",
-          "extensions", "plans", "tenants", "dealers", "nodes")
+          "extensions", "plans", "rates", "rate_tables", "tenants", "dealers", "nodes")
 
 
 @pytest.fixture(scope="session")

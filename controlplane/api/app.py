@@ -21,6 +21,7 @@ from controlplane.api.resources import (
     nodes,
     numbering,
     plans,
+    rates,
     registrations,
     tenants,
 )
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 RESOURCES: tuple[Resource, ...] = (
     dealers.DEALERS, tenants.TENANTS, extensions.EXTENSIONS, plans.PLANS, numbering.RANGES,
-    numbering.DIDS, nodes.NODES, audit.AUDIT,
+    numbering.DIDS, nodes.NODES, audit.AUDIT, rates.RATE_TABLES,
 )
 MAX_BODY = 1024 * 1024
 
@@ -98,7 +99,8 @@ def build_routes() -> RouteTable:
     routes.add("GET", "/readyz", readyz, "Database is reachable", "meta", public=True)
     oauth.register(routes)
     openapi.register(routes)
-    for module in (dealers, tenants, extensions, plans, numbering, nodes, audit, registrations):
+    for module in (dealers, tenants, extensions, plans, numbering, nodes, audit, registrations,
+                   rates):
         module.register(routes)
     return routes
 

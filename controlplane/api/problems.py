@@ -90,6 +90,10 @@ CONSTRAINTS: dict[str, tuple[str, str]] = {
     "extension_calls_within_tenant": ("/max_calls", ""),
     "nodes_name_key": ("/name", "is already used by another node"),
     "plans_dealer_id_name_key": ("/name", "is already used by another plan of this dealer"),
+    "plan_rate_table_visible": ("/rate_table_id", "is not a rate table offered to the plan's"
+                                                  " owner"),
+    "rate_tables_dealer_id_name_key": ("/name", "is already used by another rate table of"
+                                                " this dealer"),
     "dids_e164_key": ("/local_number", "is already a DID"),
     "dids_range_id_local_number_key": ("/local_number", "is already a DID"),
     "did_within_range": ("/local_number", ""),

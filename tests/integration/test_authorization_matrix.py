@@ -11,9 +11,10 @@ One tree is built for the whole module:
         └── R3 (reseller directly under the distributor)
 
 Every dealer (the operator too) owns a tenant with an extension (and its phone's
-registration), a calling plan (used by that extension), a number range with a DID ringing
-that extension, a logo, and the audit entries of those objects; the operator also owns a
-node. Routes that destroy their object get a new one for each call.
+registration), a rate table with a few rates, a calling plan (priced by that table and used
+by that extension), a number range with a DID ringing that extension, a logo, and the audit
+entries of those objects; the operator also owns a node. Routes that destroy their object
+get a new one for each call.
 
 The rules checked:
 
@@ -25,8 +26,9 @@ The rules checked:
   owner shows nothing but the caller's own objects): never 403 (an impersonation token
   asking to impersonate aside: refused before any lookup), never 2xx, and nothing in the
   database changes;
-* plans are the one deliberate exception: a dealer's plans are offered, read-only, to its
-  whole subtree;
+* plans and rate tables are the deliberate exceptions: a dealer's plans and rate tables
+  are offered, read-only, to its whole subtree (read, list and quote: yes; change, import
+  and delete: 403);
 * nodes are reached by the (non-impersonating) operator only; everyone else gets 403;
 * an impersonation token acts exactly as the impersonated dealer, cannot impersonate again,
   and the audit log names both the real dealer and the impersonated one.
@@ -58,6 +60,11 @@ PUBLIC_PREFIXES = ("/healthz", "/readyz", "/oauth/", "/api/openapi.json", "/api/
 MISSING = 10**12  # an id no object has
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"\x00" * 17
 PASSWORD = "correct-horse-battery"
+RATES_CSV = ("prefix;description;price_per_minute;connection_fee;first_increment;"
+             "next_increment;free_seconds\n"
+             "55;Brasil;0,20;0;30;6;3\n"
+             "5511;São Paulo;0,05;0;30;6;3\n").encode()
+QUOTE = {"number": "32345678", "caller_area": "11", "seconds": "60"}  # a local call in 11
 CHILD_LEVEL = {"operator": "distributor", "distributor": "sub_distributor",
                "sub_distributor": "reseller", "reseller": "reseller"}
 
@@ -85,6 +92,7 @@ class Holdings:
     tenant: int = MISSING
     extension: int = MISSING
     plan: int = MISSING
+    rate_table: int = MISSING
     range: int = MISSING
     did: int = MISSING
     audit: int = MISSING
@@ -125,9 +133,15 @@ class World:
 
 
 async def _fill(op: Api, h: Holdings, slot: int, node: int) -> None:
-    """Give dealer `h.dealer` a plan, a tenant with an extension, a range with a DID."""
+    """Give dealer `h.dealer` a rate table with rates, a plan it prices, a tenant with an
+    extension on that plan, a range with a DID."""
+    h.rate_table = op.ok(await op.post("/api/v1/rate-tables", {
+        "dealer_id": h.dealer, "name": f"Rates {slot}"}), 201)["id"]
+    op.ok(await op.call("POST", f"/api/v1/rate-tables/{h.rate_table}/import", raw=RATES_CSV,
+                        content_type="text/csv"))
     h.plan = op.ok(await op.post("/api/v1/plans", {
-        "dealer_id": h.dealer, "name": f"Plan {slot}"}), 201)["id"]
+        "dealer_id": h.dealer, "name": f"Plan {slot}", "rate_table_id": h.rate_table}),
+        201)["id"]
     h.tenant = (await op.tenant(h.dealer))["id"]
     extension = await op.extension(h.tenant, plan_id=h.plan)
     h.extension, h.account_code = extension["id"], extension["account_code"]
@@ -286,6 +300,23 @@ def _dealer_create_status(h: Holdings) -> int:
     return 422 if h.level == "reseller" else 201
 
 
+def _offered_crud(resource: str, target: str, in_use: str) -> dict[str, list[Case]]:
+    """The five routes of an object a dealer offers to its whole subtree: read by the
+    dealers below the owner, changed and deleted by the owner's side only."""
+    base, item = f"/api/v1/{resource}", f"/api/v1/{resource}/{{id}}"
+    return {
+        f"GET {base}": [Case("list", query=_subtree_query, below=200)],
+        f"POST {base}": [Case("create", 201, body=lambda c: {
+            "dealer_id": c.h.dealer, "name": f"{target} {c.n}"})],
+        f"GET {item}": [Case(target, below=200)],
+        f"PATCH {item}": [Case(target, below=403, body=lambda c: {"description": f"d {c.n}"})],
+        f"DELETE {item}": [
+            Case(target, 409, below=403, label=in_use),
+            Case(target, 204, below=403, fresh=target,
+                 label=f"an unused {target.replace('_', ' ')}")],
+    }
+
+
 LIST = Case("list", query=_subtree_query)
 CASES: dict[str, list[Case]] = {
     # dealers
@@ -332,16 +363,14 @@ CASES: dict[str, list[Case]] = {
     "GET /api/v1/extensions/{id}/registrations": [Case("extension")],
     "GET /api/v1/registrations": [
         Case("list", query=lambda c: {"dealer_id": str(c.h.dealer)})],
-    # plans: offered read-only to the owner's whole subtree
-    "GET /api/v1/plans": [Case("list", query=_subtree_query, below=200)],
-    "POST /api/v1/plans": [
-        Case("create", 201, body=lambda c: {"dealer_id": c.h.dealer, "name": f"P {c.n}"})],
-    "GET /api/v1/plans/{id}": [Case("plan", below=200)],
-    "PATCH /api/v1/plans/{id}": [
-        Case("plan", below=403, body=lambda c: {"description": f"d {c.n}"})],
-    "DELETE /api/v1/plans/{id}": [
-        Case("plan", 409, below=403, label="a plan in use"),
-        Case("plan", 204, below=403, fresh="plan", label="an unused plan")],
+    # plans and rate tables: offered read-only to the owner's whole subtree
+    **_offered_crud("plans", "plan", in_use="a plan in use"),
+    **_offered_crud("rate-tables", "rate_table", in_use="a rate table pricing a plan"),
+    "POST /api/v1/rate-tables/{id}/import": [
+        Case("rate_table", below=403, raw=(RATES_CSV, "text/csv"))],
+    "GET /api/v1/rate-tables/{id}/rates": [Case("rate_table", below=200)],
+    "GET /api/v1/rate-tables/{id}/quote": [
+        Case("rate_table", below=200, query=lambda c: QUOTE)],
     # numbering
     "GET /api/v1/number-ranges": [LIST],
     "POST /api/v1/number-ranges": [Case("create", 201, body=_range_body)],
@@ -384,6 +413,9 @@ async def fresh(world: World, kind: str, h: Holdings) -> int | str:
     if kind == "plan":
         return op.ok(await op.post("/api/v1/plans", {"dealer_id": h.dealer,
                                                      "name": f"Spare {n}"}), 201)["id"]
+    if kind == "rate_table":
+        return op.ok(await op.post("/api/v1/rate-tables", {"dealer_id": h.dealer,
+                                                           "name": f"Spare {n}"}), 201)["id"]
     if kind == "range":
         return op.ok(await op.post("/api/v1/number-ranges", _range_body(Ctx(world, h))),
                      201)["id"]
@@ -453,7 +485,7 @@ def is_problem(reply: Reply) -> bool:
 
 async def check_reachable(world: World, who: Who, owner: str) -> list[str]:
     """Every route on `owner`'s objects, called by `who` (inside the owner's subtree, or
-    below it where plans are offered): the documented answers, never 404."""
+    below it where plans and rate tables are offered): the documented answers, never 404."""
     h = world.owns[owner]
     rel = world.relation(who, h.dealer)
     problems: list[str] = []
@@ -519,7 +551,7 @@ async def check_unreachable(world: World, who: Who, owner: str) -> list[str]:
             continue
         for case in CASES.get(key, []):
             if rel == "below" and case.below is not None:
-                continue  # plans offered downwards: the reachable test covers them
+                continue  # offered downwards: the reachable test covers them
             call = await build_call(world, op, case, h)
             before = await snapshot(world.pool)
             reply = await call.send(who.api)
@@ -568,7 +600,7 @@ def test_the_matrix_names_no_route_that_does_not_exist() -> None:
 REACHABLE = [
     ("op", "R1"), ("D1", "R1"), ("S1", "R1"), ("R1", "R1"), ("op>R1", "R1"), ("D1>R1", "R1"),
     ("D1", "R3"), ("S1", "S1"), ("D1", "D1"), ("op", "op"),
-    # plans only: offered by the owner to the dealers below it
+    # plans and rate tables only: offered by the owner to the dealers below it
     ("R1", "S1"), ("R1", "D1"), ("R1", "op"), ("S1", "D1"), ("op>R1", "S1"),
 ]
 
@@ -612,8 +644,9 @@ async def test_reseller_gets_404_on_every_route_of_its_parent(world: World) -> N
 
 # -- lists ------------------------------------------------------------------------------------
 
-LISTED = ("dealers", "tenants", "extensions", "plans", "number-ranges", "dids", "audit",
-          "registrations")
+LISTED = ("dealers", "tenants", "extensions", "plans", "rate-tables", "number-ranges", "dids",
+          "audit", "registrations")
+OFFERED = ("plans", "rate-tables")  # listed with what the caller's ancestors offer
 LISTERS = ("op", "D1", "S1", "R1", "R2", "R3", "op>R1", "D1>R1")
 
 
@@ -653,8 +686,8 @@ async def expected_ids(pool: asyncpg.Pool, resource: str, scope: int) -> set[int
         subtree = {d for d in parent if scope in chain(d)}
         if resource == "dealers":
             return subtree
-        if resource == "plans":
-            rows = await conn.fetch("SELECT id, dealer_id FROM plans")
+        if resource in OFFERED:
+            rows = await conn.fetch(f"SELECT id, dealer_id FROM {resource.replace('-', '_')}")
             offered = subtree | set(chain(scope))
             return {r["id"] for r in rows if r["dealer_id"] in offered}
         sql = {
@@ -677,7 +710,8 @@ async def expected_ids(pool: asyncpg.Pool, resource: str, scope: int) -> set[int
 async def test_list_holds_exactly_the_callers_subtree(
         world: World, resource: str, caller: str) -> None:
     """Each list holds the caller's subtree's objects, all of them and nothing else (plans
-    add those its ancestors offer); an impersonation token lists as the impersonated."""
+    and rate tables add those its ancestors offer); an impersonation token lists as the
+    impersonated."""
     who = world.who[caller]
     items = await page_through(who.api, f"/api/v1/{resource}")
     ids = [item_id(item) for item in items]
@@ -698,34 +732,43 @@ async def test_reseller_lists_only_its_own_tenants(world: World) -> None:
     assert not others & {t["id"] for t in tenants}
 
 
-async def test_reseller_sees_its_ancestors_plans_but_not_its_siblings(world: World) -> None:
-    plans = await page_through(world.who["R1"].api, "/api/v1/plans")
-    owners = {p["dealer_id"] for p in plans}
+OFFERED_KIND = {"plans": "plan", "rate-tables": "rate_table"}  # resource -> Holdings field
+
+
+@pytest.mark.parametrize("resource", OFFERED)
+async def test_reseller_sees_what_its_ancestors_offer_but_not_its_siblings(
+        world: World, resource: str) -> None:
+    items = await page_through(world.who["R1"].api, f"/api/v1/{resource}")
+    owners = {p["dealer_id"] for p in items}
     chain = {world.owns[n].dealer for n in ("op", "D1", "S1", "R1")}
     assert chain <= owners <= chain
-    assert world.owns["R2"].plan not in {p["id"] for p in plans}
+    assert getattr(world.owns["R2"], OFFERED_KIND[resource]) not in {p["id"] for p in items}
 
 
-# -- plans offered downwards are read-only ----------------------------------------------------
+# -- plans and rate tables offered downwards are read-only ------------------------------------
 
 
-PLAN_READERS = [("R1", "S1"), ("R1", "D1"), ("R1", "op"), ("R3", "D1"), ("S1", "D1"),
-                ("S1", "op"), ("op>R1", "S1"), ("D1>R1", "D1")]
+READERS = [("R1", "S1"), ("R1", "D1"), ("R1", "op"), ("R3", "D1"), ("S1", "D1"),
+           ("S1", "op"), ("op>R1", "S1"), ("D1>R1", "D1")]
 
 
-@pytest.mark.parametrize(("caller", "ancestor"), PLAN_READERS,
-                         ids=[f"{c}-on-{a}" for c, a in PLAN_READERS])
-async def test_reseller_cannot_patch_or_delete_an_ancestor_plan(
-        world: World, caller: str, ancestor: str) -> None:
+@pytest.mark.parametrize("resource", OFFERED)
+@pytest.mark.parametrize(("caller", "ancestor"), READERS,
+                         ids=[f"{c}-on-{a}" for c, a in READERS])
+async def test_dealer_cannot_change_what_an_ancestor_offers(
+        world: World, caller: str, ancestor: str, resource: str) -> None:
     who = world.who[caller]
     assert world.relation(who, world.owns[ancestor].dealer) == "below"
-    plan = world.owns[ancestor].plan
+    key = getattr(world.owns[ancestor], OFFERED_KIND[resource])
+    path = f"/api/v1/{resource}/{key}"
     before = await snapshot(world.pool)
-    assert who.api.ok(await who.api.get(f"/api/v1/plans/{plan}"))["id"] == plan
-    patch = await who.api.patch(f"/api/v1/plans/{plan}", {"name": "Mine now"})
-    delete = await who.api.delete(f"/api/v1/plans/{plan}")
-    assert (patch.status, delete.status) == (403, 403), (patch, delete)
-    assert is_problem(patch) and is_problem(delete)
+    assert who.api.ok(await who.api.get(path))["id"] == key
+    refused = [await who.api.patch(path, {"name": "Mine now"}), await who.api.delete(path)]
+    if resource == "rate-tables":
+        refused.append(await who.api.call("POST", f"{path}/import", raw=RATES_CSV,
+                                          content_type="text/csv"))
+    assert [r.status for r in refused] == [403] * len(refused), refused
+    assert all(is_problem(r) for r in refused)
     assert changed(before, await snapshot(world.pool)) == []
 
 
@@ -888,13 +931,14 @@ async def test_deleting_a_number_range_that_has_dids_answers_409(world: World) -
     assert changed(before, await snapshot(world.pool)) == []
 
 
-@pytest.mark.parametrize("owned", ["plan", "number range"])
+@pytest.mark.parametrize("owned", ["plan", "rate table", "number range"])
 async def test_deleting_a_dealer_that_still_owns_a_plan_or_range_answers_409(
         world: World, owned: str) -> None:
     op, s1 = world.op, world.who["S1"].api
     dealer = await op.dealer("reseller", world.owns["S1"].dealer)
-    if owned == "plan":
-        op.ok(await op.post("/api/v1/plans", {"dealer_id": dealer["id"], "name": "Kept"}), 201)
+    if owned in ("plan", "rate table"):
+        path = "/api/v1/plans" if owned == "plan" else "/api/v1/rate-tables"
+        op.ok(await op.post(path, {"dealer_id": dealer["id"], "name": "Kept"}), 201)
     else:
         op.ok(await op.post("/api/v1/number-ranges", _range_body(
             Ctx(world, Holdings(dealer["id"], "reseller")))), 201)

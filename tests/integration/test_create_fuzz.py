@@ -72,7 +72,9 @@ class Who:
 @dataclass
 class Tree:
     """operator > D (distributor) > S (sub-distributor) > R (reseller), and a second
-    distributor D2 whose objects D may not touch. D is the second principal."""
+    distributor D2 whose objects D may not touch. D is the second principal. The operator,
+    D, S and D2 each own a rate table (RTO, RT, RTS, RT2): a plan of D may be priced by
+    RTO or RT only."""
 
     op: Who
     d: Who
@@ -89,10 +91,15 @@ async def build_tree(api: Api) -> Tree:
     ids["S"] = (await api.dealer("sub_distributor", ids["D"]))["id"]
     ids["R"] = (await api.dealer("reseller", ids["S"]))["id"]
     ids["D2"] = (await api.dealer("distributor"))["id"]
-    for name, owner, kind in (("PN", "D", "national"), ("PI", "D", "international"),
-                              ("P2", "D2", "national")):
+    for name, owner in (("RTO", "op"), ("RT", "D"), ("RTS", "S"), ("RT2", "D2")):
+        ids[name] = api.ok(await api.post("/api/v1/rate-tables", {
+            "dealer_id": ids[owner], "name": f"Rates {name}"}), 201)["id"]
+    for name, owner, kind, rates in (("PN", "D", "national", "RT"),
+                                     ("PI", "D", "international", "RTO"),
+                                     ("P2", "D2", "national", "RT2")):
         ids[name] = api.ok(await api.post("/api/v1/plans", {
-            "dealer_id": ids[owner], "name": f"Plan {name}", "kind": kind}), 201)["id"]
+            "dealer_id": ids[owner], "name": f"Plan {name}", "kind": kind,
+            "rate_table_id": ids[rates]}), 201)["id"]
     ids["T"] = (await api.tenant(ids["R"]))["id"]
     ids["T2"] = (await api.tenant(ids["D2"]))["id"]
     ids["TC"] = (await api.tenant(ids["R"]))["id"]
@@ -115,6 +122,7 @@ async def build_tree(api: Api) -> Tree:
         "dealer": [ids[k] for k in ("op", "D", "S", "R", "D2")],
         "tenant": [ids[k] for k in ("T", "T2", "TC")],
         "plan": [ids[k] for k in ("PN", "PI", "P2")],
+        "rate_table": [ids[k] for k in ("RTO", "RT", "RTS", "RT2")],
         "extension": [ids[k] for k in ("E", "E2")],
         "range": [ids[k] for k in ("G", "G2")],
         "did": [ids[k] for k in ("X", "X2")],
@@ -176,6 +184,11 @@ ROUTES: dict[str, Route] = {
         "plans", "plan", creates=True, valid=lambda t, w, n: {"name": f"Fuzz {n}"}),
     "PATCH /api/v1/plans/{id}": Route(
         "plans", "plan", ("PN", "P2"), valid=lambda t, w, n: {"description": f"d {n}"}),
+    "POST /api/v1/rate-tables": Route(
+        "rate_tables", "rate_table", creates=True, valid=lambda t, w, n: {"name": f"Fuzz {n}"}),
+    "PATCH /api/v1/rate-tables/{id}": Route(
+        "rate_tables", "rate_table", ("RT", "RTS", "RT2"),
+        valid=lambda t, w, n: {"description": f"d {n}"}),
     "POST /api/v1/number-ranges": Route(
         "number_ranges", "number_range", creates=True,
         valid=lambda t, w, n: {"name": f"Fuzz {n}", "country_code": "55", "area_code": "31",
@@ -222,8 +235,8 @@ JSON = st.recursive(LEAVES, lambda children: st.one_of(
     max_leaves=10)
 
 REFERENCE_KINDS = {"parent_id": "dealer", "dealer_id": "dealer", "tenant_id": "tenant",
-                   "plan_id": "plan", "intl_plan_id": "plan", "extension_id": "extension",
-                   "range_id": "range", "node_id": "node"}
+                   "plan_id": "plan", "intl_plan_id": "plan", "rate_table_id": "rate_table",
+                   "extension_id": "extension", "range_id": "range", "node_id": "node"}
 HOSTS = st.one_of(
     st.ip_addresses().map(str),
     st.lists(st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True), min_size=2, max_size=4)
