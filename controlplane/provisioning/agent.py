@@ -239,7 +239,14 @@ class NodeAgent:
         self.applied += len(removals) + len(changes)
 
     async def _push(self, state: ExtensionState) -> None:
+        on_node = state.account_code in self.markers
         for object_type, object_id, fields in state.objects():
+            if object_type == "endpoint" and on_node:
+                # ARI updates an object by copying the one it retrieves field by field, and an
+                # endpoint's set_var values do not survive that copy: the update of a cached
+                # endpoint fails ("Allocation failed", 500). One loaded from the astdb has
+                # none (the astdb wizard drops them), so drop the cached one first.
+                await self._expire_cached(object_type, object_id)
             try:
                 await self.ari.put_object("res_pjsip", object_type, object_id, fields)
             except AriError as exc:
@@ -399,8 +406,11 @@ class NodeAgent:
                 self.wake.set()
 
     async def _reload_dialplan(self) -> None:
+        started = asyncio.get_running_loop().time()
         await self.ami.command("dialplan reload", timeout=60)
         self.dialplan_reloads = getattr(self, "dialplan_reloads", 0) + 1
+        log.info("node %s: dialplan reloaded in %.3fs", self.node.name,
+                 asyncio.get_running_loop().time() - started)
 
     # -- bookkeeping --------------------------------------------------------------------
     async def _note_reconciled(self) -> None:
