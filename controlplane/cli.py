@@ -58,6 +58,9 @@ async def _serve(settings: Settings, demo: bool, sandbox: bool = False) -> None:
         # Development only (`pbxctl up`): show the demo's logins and the phones' SIP accounts.
         print(f"Credentials ({creds_file}):")
         print(creds_file.read_text(), flush=True)
+    from controlplane.calls.housekeeping import housekeeping
+
+    background.append(asyncio.create_task(housekeeping(pool, settings, stop)))
     runner = web.AppRunner(build_app(settings, pool), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -83,8 +86,26 @@ async def _sandbox_with_agent(settings: Settings, pool: Any, name: str, address:
     node, record = await start_sandbox_node(pool, name, address, settings.data_dir / "nodes")
     print(f"Asterisk node {name} on {address} (SIP 5060, AMI 5038, ARI 8088)", flush=True)
     dsn = settings.dsn or resolve_dsn(settings)
-    agent = NodeAgent(pool, record, node.tenant_config_dir, dsn=dsn, manage_interface="lo")
+    calls = call_control_config(settings, cdr_file=str(node.cdr_file), agi_port=0)
+    agent = NodeAgent(pool, record, node.tenant_config_dir, dsn=dsn, manage_interface="lo",
+                      calls=calls)
     return node, agent
+
+
+def call_control_config(settings: Settings, **overrides: Any) -> Any:
+    from pathlib import Path
+
+    from controlplane.calls.node_control import CallControlConfig
+
+    values: dict[str, Any] = {
+        "agi_host": settings.agi_host, "agi_port": settings.agi_port,
+        "agi_advertise": settings.agi_advertise or None, "cdr_file": settings.cdr_file,
+        "fail_policy": settings.admission_fail_policy}
+    values.update(overrides)
+    if values["fail_policy"] not in ("open", "closed"):
+        sys.exit("PBX_ADMISSION_FAIL_POLICY must be open or closed")
+    values["cdr_file"] = Path(values["cdr_file"]) if values["cdr_file"] else None
+    return CallControlConfig(**values)
 
 
 async def _agent(settings: Settings, node_name: str, tenant_dir: str | None,
@@ -103,7 +124,7 @@ async def _agent(settings: Settings, node_name: str, tenant_dir: str | None,
     folder = Path(tenant_dir) if tenant_dir else settings.data_dir / "nodes" / node_name / "etc" \
         / "tenants"
     agent = NodeAgent(pool, record, folder, dsn=settings.dsn or resolve_dsn(settings),
-                      manage_interface=interface)
+                      manage_interface=interface, calls=call_control_config(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -28,6 +28,18 @@ class Settings:
     # Reverse proxies whose X-Forwarded-For is trusted for the API client CIDR allowlist.
     trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
+    # Call control (run by each node's agent): when admission cannot reach the database in
+    # time, "closed" refuses calls (503), "open" lets internal calls through uncounted.
+    admission_fail_policy: str = "closed"
+    # The FastAGI server the node's dialplan asks; advertise: the address the node dials.
+    agi_host: str = "127.0.0.1"
+    agi_port: int = 4573
+    agi_advertise: str = ""
+    # The node's CDR file as the agent sees it (shared volume); empty: no CDR import.
+    cdr_file: str = ""
+    # Periodic CDR export files for billing systems (serve): folder and "daily"/"monthly".
+    cdr_export_dir: str = ""
+    cdr_export_period: str = "monthly"
 
     @property
     def postgres_dir(self) -> Path:

@@ -24,7 +24,9 @@ from controlplane.settings import Settings
 from tests.api_helper import Api
 
 TABLES = ("registrations", "audit_log", "oauth_tokens", "api_clients", "dids", "number_ranges",
-          "extensions", "plans", "rates", "rate_tables", "tenants", "dealers", "nodes")
+          "extensions", "plans", "rates", "rate_tables", "tenants", "dealers", "nodes",
+          "call_counters", "calls", "cdrs", "cdr_import_state", "credit_movements",
+          "credit_accounts", "carriers")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,10 @@ from controlplane.api.problems import ApiError, from_database
 from controlplane.api.resource import Resource
 from controlplane.api.resources import (
     audit,
+    calls,
+    carriers,
+    cdrs,
+    credit,
     dealers,
     extensions,
     nodes,
@@ -33,7 +37,7 @@ log = logging.getLogger(__name__)
 
 RESOURCES: tuple[Resource, ...] = (
     dealers.DEALERS, tenants.TENANTS, extensions.EXTENSIONS, plans.PLANS, numbering.RANGES,
-    numbering.DIDS, nodes.NODES, audit.AUDIT, rates.RATE_TABLES,
+    numbering.DIDS, nodes.NODES, audit.AUDIT, rates.RATE_TABLES, carriers.CARRIERS,
 )
 MAX_BODY = 1024 * 1024
 
@@ -100,7 +104,7 @@ def build_routes() -> RouteTable:
     oauth.register(routes)
     openapi.register(routes)
     for module in (dealers, tenants, extensions, plans, numbering, nodes, audit, registrations,
-                   rates):
+                   rates, carriers, calls, cdrs, credit):
         module.register(routes)
     return routes
 

@@ -110,8 +110,11 @@ class FastAgiServer:
             answer = await self._answer(request)
             await self._set_variables(reader, writer, answer)
             self.served += 1
-        except (AgiProtocolError, TimeoutError, ConnectionError, ValueError) as exc:
-            log.warning("FastAGI request failed: %s", exc)
+        except TimeoutError:
+            log.warning("FastAGI: Asterisk did not finish the exchange in %.1fs",
+                        self.read_timeout)
+        except (AgiProtocolError, ConnectionError, ValueError) as exc:
+            log.warning("FastAGI request failed: %r", exc)
         finally:
             writer.close()
             try:
@@ -128,6 +131,10 @@ class FastAgiServer:
         except TimeoutError:
             log.warning("FastAGI %s took longer than %.1fs: answering by policy",
                         request.script, self.handler_timeout)
+            return self.on_timeout(request)
+        except Exception:
+            # A bug must not leave the call without an answer: the policy answers.
+            log.exception("FastAGI %s failed: answering by policy", request.script)
             return self.on_timeout(request)
 
     async def _set_variables(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -153,8 +153,9 @@ class Admission:
         if req.direction == "internal":
             callee = _check_party(await store.extension_by_number(
                 conn, party["tenant_id"], req.dialled), "callee")
-            return await self._admit(conn, req, party, "internal", req.dialled,
-                                     target=callee["account_code"], call_class="internal")
+            return await self._admit(conn, req, party, "internal", caller=party["number"],
+                                     callee=req.dialled, target=callee["account_code"],
+                                     call_class="internal")
         return await self._outbound(conn, req, party)
 
     async def _inbound(self, conn: asyncpg.Connection, req: CallRequest) -> Decision:
@@ -164,9 +165,9 @@ class Admission:
         party = _check_party(await store.did_owner(conn, "+" + digits), "callee")
         if party["node_id"] != req.node_id:
             raise Refused(404, "did_on_another_node")
-        return await self._admit(conn, req, party, "inbound", req.caller_number,
-                                 target=party["account_code"], call_class="inbound",
-                                 callee="+" + digits)
+        return await self._admit(conn, req, party, "inbound", caller=req.caller_number,
+                                 callee="+" + digits, target=party["account_code"],
+                                 call_class="inbound")
 
     async def _outbound(self, conn: asyncpg.Connection, req: CallRequest,
                         party: asyncpg.Record) -> Decision:
@@ -185,8 +186,9 @@ class Admission:
             rate = await self._rate(conn, party, c)
         number = (c.e164 or c.dialled).lstrip("+")
         target = f"{carrier['tech_prefix']}{number}@carrier-{carrier['id']}"
-        return await self._admit(conn, req, party, "outbound", c.e164 or c.dialled,
-                                 target=target, call_class=str(c.call_class), rate=rate,
+        return await self._admit(conn, req, party, "outbound", caller=party["number"],
+                                 callee=c.e164 or c.dialled, target=target,
+                                 call_class=str(c.call_class), rate=rate,
                                  carrier_id=carrier["id"])
 
     async def _rate(self, conn: asyncpg.Connection, party: asyncpg.Record,
@@ -201,9 +203,9 @@ class Admission:
         return rate
 
     async def _admit(self, conn: asyncpg.Connection, req: CallRequest, party: asyncpg.Record,
-                     direction: str, callee: str, *, target: str, call_class: str,
-                     rate: Rate | None = None, carrier_id: int | None = None,
-                     **overrides: str) -> Decision:
+                     direction: str, *, caller: str, callee: str, target: str,
+                     call_class: str, rate: Rate | None = None,
+                     carrier_id: int | None = None) -> Decision:
         call_id = uuid.uuid4()
         limited = rate is not None and not credit.is_free(rate)
         grant: int | None = None
@@ -231,8 +233,7 @@ class Admission:
                 "channel_name": req.channel_name, "direction": direction,
                 "extension_id": party["extension_id"], "tenant_id": party["tenant_id"],
                 "dealer_path": list(party["dealer_path"]),
-                "caller": req.caller_number if direction == "inbound" else party["number"],
-                "callee": overrides.get("callee", callee), "call_class": call_class,
+                "caller": caller, "callee": callee, "call_class": call_class,
                 "carrier_id": carrier_id, "account_id": account_id,
                 "rate": rate_json(rate) if rate is not None else None, "reserved": reserved,
                 "granted_seconds": grant}, self.lease)

@@ -98,6 +98,13 @@ def file_id(path: Path) -> str | None:
     return f"{st.st_dev}:{st.st_ino}"
 
 
+def size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
 def read_from(path: Path, offset: int) -> tuple[list[str], int]:
     """Complete lines from `offset` (a partly written last line waits for the next read),
     and the offset after them."""

@@ -148,6 +148,8 @@ async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
     async with pool.acquire() as conn:
         position = await store.import_position(conn, node_id)
         offset = position["offset_"] if position and position["file_id"] == ident else 0
+        if offset > cdr_file.size(path):  # truncated in place: it starts again
+            offset = 0
         texts, new_offset = cdr_file.read_from(path, offset)
         if new_offset == offset:
             return 0

@@ -320,7 +320,10 @@ class NodeAgent:
             else:
                 stray_numbers.append(key)
         endpoints = await self._db_tree("ps_endpoint")
-        on_node = {k.rsplit("/", 1)[-1] for k in endpoints}
+        # Extensions are named by their account code (6 digits); other endpoints (carriers)
+        # belong to call control.
+        on_node = {name for k in endpoints
+                   if len(name := k.rsplit("/", 1)[-1]) == 6 and name.isdigit()}
         async with self.pool.acquire() as conn:
             want = await desired.extensions(conn, self.node.id, self.transports)
             tenants = await desired.tenants(conn, self.node.id)

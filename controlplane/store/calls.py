@@ -182,11 +182,12 @@ CDR_COLUMNS = ("node_id", "uniqueid", "sequence", "call_id", "direction", "tenan
                "disposition", "hangup_cause", "refusal", "sip_code")
 INSERT_CDR = (f"INSERT INTO cdrs ({', '.join(CDR_COLUMNS)}) VALUES"
               f" ({', '.join(f'${i}' for i in range(1, len(CDR_COLUMNS) + 1))})"
-              " ON CONFLICT (node_id, uniqueid, sequence) DO NOTHING RETURNING id")
+              " ON CONFLICT DO NOTHING RETURNING id")
 
 
 async def insert_cdr(conn: asyncpg.Connection, values: dict[str, Any]) -> bool:
-    """Store a CDR once: a second import of the same node line changes nothing."""
+    """Store a CDR once: a second import of the same node line, or a second line of the
+    same call (one per device it rang), changes nothing."""
     return await conn.fetchval(INSERT_CDR, *(values.get(c) for c in CDR_COLUMNS)) is not None
 
 

@@ -320,6 +320,10 @@ prepare_state_dirs() {
     done
     chown "$RUN_USER:$GID" "$LIB_DIR/sounds" "$LIB_DIR/sounds/custom" "$LIB_DIR/moh" \
         "$LIB_DIR/priv-callerintros"
+    # The node's CDR file (cdr_custom does not create its folder); the agent reads it.
+    mkdir -p "$LOG_DIR/cdr-custom"
+    chown "$RUN_USER:$GID" "$LOG_DIR/cdr-custom"
+    chmod 0755 "$LOG_DIR/cdr-custom"
 }
 
 run_asterisk() {

@@ -40,12 +40,13 @@ class SippRun:
 
 
 async def sipp(scenario: str, target: str | None, rows: list[str], *, port: int,
-               calls: int = 1, timeout: float = 15, extra: tuple[str, ...] = ()) -> SippRun:
+               calls: int = 1, timeout: float = 15, extra: tuple[str, ...] = (),
+               local_ip: str = "127.0.0.1") -> SippRun:
     """Run one scenario to completion (exit 0: every call succeeded)."""
     with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as inf:
         inf.write("SEQUENTIAL\n" + "\n".join(rows) + "\n")
     args = ["sipp", *([target] if target else []), "-sf", str(SCENARIOS / scenario),
-            "-inf", inf.name, "-m", str(calls), "-i", "127.0.0.1", "-p", str(port),
+            "-inf", inf.name, "-m", str(calls), "-i", local_ip, "-p", str(port),
             "-nostdin", "-timeout", f"{int(timeout)}s", "-timeout_error", "-max_recv_loops",
             "1000", *extra]
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,

@@ -9,7 +9,7 @@ from controlplane.api.resource import Filter, Resource, int_filter, register_cru
 from controlplane.api.routes import RouteTable
 
 
-def _time_filter(name: str, condition: str, description: str) -> Filter:
+def time_filter(name: str, condition: str, description: str) -> Filter:
     def parse(raw: str) -> datetime:
         if len(raw) > 40 or not raw.isascii():
             raise FieldError("must be an ISO 8601 date-time with offset")
@@ -42,8 +42,8 @@ class Audit(Resource):
         text_filter("action", "a.action = ${}", "create, update, delete, ...", max_len=40),
         int_filter("actor_id", "a.actor_id = ${}", "dealer who acted"),
         int_filter("acting_as_id", "a.acting_as_id = ${}", "dealer impersonated"),
-        _time_filter("since", "a.at >= ${}", "entries at or after"),
-        _time_filter("until", "a.at < ${}", "entries before"),
+        time_filter("since", "a.at >= ${}", "entries at or after"),
+        time_filter("until", "a.at < ${}", "entries before"),
     )
     deletable = False
 

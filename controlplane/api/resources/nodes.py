@@ -29,24 +29,14 @@ NODE_FIELDS = {
 }
 
 
-class Nodes(Resource):
-    name = "nodes"
-    entity = "node"
-    table = "nodes"
-    alias = "n"
-    tag = "nodes"
-    select_sql = ("SELECT n.*, op.path AS owner_path FROM nodes n,"
-                  " dealers op WHERE op.level = 'operator' AND $1::bigint IS NOT NULL")
-    create_schema = F.Schema("node_create", NODE_FIELDS)
-    update_schema = F.Schema("node_update", NODE_FIELDS)
-    filters = (text_filter("status", "n.status::text = ${}", "node status", choices=STATUSES),)
-    columns = frozenset(NODE_FIELDS)
-    hidden = frozenset({"ami_secret", "ari_password"})
+class OperatorOnly(Resource):
+    """Platform infrastructure: no dealer owns it, only the operator sees or changes it."""
 
-    @staticmethod
-    def _operator_only(p: Principal) -> None:
+    what = "this"
+
+    def _operator_only(self, p: Principal) -> None:
         if not p.is_operator:
-            raise forbidden("nodes are managed by the platform operator only")
+            raise forbidden(f"{self.what} are managed by the platform operator only")
 
     async def get(self, conn: asyncpg.Connection, p: Principal, key: int, *,
                   lock: bool = False) -> asyncpg.Record | None:
@@ -63,12 +53,29 @@ class Nodes(Resource):
         self._operator_only(p)
         return data
 
+
+class Nodes(OperatorOnly):
+    name = "nodes"
+    entity = "node"
+    what = "nodes"
+    table = "nodes"
+    alias = "n"
+    tag = "nodes"
+    select_sql = ("SELECT n.*, op.path AS owner_path FROM nodes n,"
+                  " dealers op WHERE op.level = 'operator' AND $1::bigint IS NOT NULL")
+    create_schema = F.Schema("node_create", NODE_FIELDS)
+    update_schema = F.Schema("node_update", NODE_FIELDS)
+    filters = (text_filter("status", "n.status::text = ${}", "node status", choices=STATUSES),)
+    columns = frozenset(NODE_FIELDS)
+    hidden = frozenset({"ami_secret", "ari_password"})
+
     async def before_delete(self, conn: asyncpg.Connection, p: Principal,
                             current: asyncpg.Record) -> None:
         if await conn.fetchval("SELECT 1 FROM dealers WHERE node_id = $1 UNION ALL"
-                               " SELECT 1 FROM tenants WHERE node_id = $1 LIMIT 1",
+                               " SELECT 1 FROM tenants WHERE node_id = $1 UNION ALL"
+                               " SELECT 1 FROM carriers WHERE node_id = $1 LIMIT 1",
                                current["id"]):
-            raise conflict("dealers or tenants are still assigned to this node")
+            raise conflict("dealers, tenants or carriers are still assigned to this node")
 
 
 NODES = Nodes()

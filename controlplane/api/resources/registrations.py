@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.api.keys import POOL
+from controlplane.api.querying import conditions, params
 from controlplane.api.resource import (
     bool_filter,
     int_filter,
@@ -14,7 +15,7 @@ from controlplane.api.resource import (
 )
 from controlplane.api.resources.extensions import EXTENSIONS
 from controlplane.api.resources.tenants import TENANTS
-from controlplane.api.routes import QueryParam, RouteTable
+from controlplane.api.routes import RouteTable
 from controlplane.provisioning.preview import render_tenant
 
 COLUMNS = ("r.account_code, e.id AS extension_id, e.tenant_id, e.number, r.node_id, r.uri,"
@@ -42,23 +43,9 @@ async def extension_registrations(request: web.Request) -> web.Response:
 
 
 async def list_registrations(request: web.Request) -> web.Response:
-    from controlplane.api.fields import FieldError
-    from controlplane.api.problems import invalid
-
     p = principal_of(request)
     args: list[object] = [p.scope_id]
-    where, errors = [], []
-    known = {f.name: f for f in FILTERS}
-    for name, raw in request.query.items():
-        try:
-            if name not in known:
-                raise FieldError("is not a known query parameter")
-            args.append(known[name].parse(raw))
-            where.append(known[name].condition.format(len(args)))
-        except FieldError as exc:
-            errors.append((f"/query/{name[:50]}", str(exc)))
-    if errors:
-        raise invalid(errors)
+    where = conditions(request.query, FILTERS, args)
     sql = SCOPED + "".join(f" AND {w}" for w in where) + f" ORDER BY e.id LIMIT {LIMIT}"
     async with request.app[POOL].acquire() as conn:
         rows = await conn.fetch(sql, *args)
@@ -81,8 +68,7 @@ def register(routes: RouteTable) -> None:
                response=item)
     routes.add("GET", "/api/v1/registrations", list_registrations,
                f"Registered extensions in the caller's subtree (at most {LIMIT})", "extensions",
-               response=item, query=tuple(QueryParam(f.name, f.schema, f.description)
-                                          for f in FILTERS))
+               response=item, query=params(FILTERS))
     routes.add("GET", "/api/v1/tenants/{id}/rendered", rendered_tenant,
                "The tenant as its node sees it: dialplan and PJSIP objects (secrets masked)",
                "tenants", response_types=("text/plain",))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -41,6 +42,13 @@ TENANT_FIELDS = {
     "max_extensions": F.integer(nullable=True),
     "max_calls": F.integer(nullable=True, description="cap on simultaneous calls"),
     "status": F.choice(STATUSES),
+    "area_code": F.pattern(r"^[1-9][0-9]$", "the tenant's area code (DDD), e.g. 11: local and"
+                           " national calls are classified from it", max_len=2),
+    "shared_credit": F.boolean("the tenant's own credit account pays for all its extensions'"
+                               " calls (otherwise each extension pays from its own)"),
+    "billing_mode": F.choice(("prepaid", "postpaid"), "of the tenant's credit account"),
+    "credit_limit": F.money(Decimal(0), description="postpaid: how far the tenant's balance"
+                            " may go negative"),
 }
 
 
@@ -57,7 +65,9 @@ class Tenants(Resource):
     select_sql = ("SELECT t.id, t.dealer_id, t.name, t.external_ref, t.country, t.notes,"
                   " t.product_type, t.trial, t.internal, t.sip_domain, t.node_id,"
                   " t.max_extensions, t.max_calls, t.extension_count, t.status::text AS status,"
-                  " t.cancelled_at, t.created_at, t.updated_at, d.path AS owner_path"
+                  " t.cancelled_at, t.area_code, t.shared_credit,"
+                  " t.billing_mode::text AS billing_mode, t.credit_limit::text AS credit_limit,"
+                  " t.created_at, t.updated_at, d.path AS owner_path"
                   " FROM tenants t JOIN dealers d ON d.id = t.dealer_id"
                   " WHERE d.path @> ARRAY[$1]::bigint[]")
     create_schema = F.Schema("tenant_create", TENANT_FIELDS)

@@ -230,6 +230,8 @@ CREATE TABLE cdrs (
     imported_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (node_id, uniqueid, sequence)
 );
+-- one CDR a call, whatever number of node lines it left (one per device it rang)
+CREATE UNIQUE INDEX cdrs_call ON cdrs (call_id) WHERE call_id IS NOT NULL;
 CREATE INDEX cdrs_started ON cdrs (started_at, id);
 CREATE INDEX cdrs_tenant ON cdrs (tenant_id, started_at);
 CREATE INDEX cdrs_extension ON cdrs (extension_id, started_at);

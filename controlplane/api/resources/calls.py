@@ -1,0 +1,90 @@
+"""Calls in progress, as admission recorded them: per extension, tenant and dealer, with the
+time granted and the credit held; and hanging one up."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from aiohttp import web
+
+from controlplane.api.keys import POOL
+from controlplane.api.problems import not_found
+from controlplane.api.querying import conditions, params
+from controlplane.api.resource import int_filter, json_response, principal_of, text_filter
+from controlplane.api.routes import RouteTable
+from controlplane.store import audit
+
+COLUMNS = ("c.id, c.node_id, c.direction, c.extension_id, c.tenant_id,"
+           " c.dealer_path[cardinality(c.dealer_path)] AS dealer_id, c.caller, c.callee,"
+           " c.call_class, c.carrier_id, c.started_at, c.answered_at,"
+           " CASE WHEN c.answered_at IS NULL THEN 'ringing' ELSE 'answered' END AS state,"
+           " c.granted_seconds, c.granted_until, c.reserved::text AS reserved, c.exhausted,"
+           " c.lease_until")
+SCOPED = f"SELECT {COLUMNS} FROM calls c WHERE c.dealer_path @> ARRAY[$1]::bigint[]"
+FILTERS = (
+    int_filter("tenant_id", "c.tenant_id = ${}", "calls of this tenant"),
+    int_filter("extension_id", "c.extension_id = ${}", "calls of this extension"),
+    int_filter("dealer_id", "c.dealer_path @> ARRAY[${}]::bigint[]", "in this dealer's subtree"),
+    int_filter("node_id", "c.node_id = ${}", "on this node"),
+    text_filter("direction", "c.direction = ${}", "internal, outbound or inbound",
+                choices=("internal", "outbound", "inbound")),
+)
+LIMIT = 5000
+HANGUP_CHANNEL = "pbx_calls"
+
+
+def call_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["call_id"])
+    except ValueError as exc:
+        raise not_found("call") from exc
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    p = principal_of(request)
+    args: list[object] = [p.scope_id]
+    where = conditions(request.query, FILTERS, args)
+    sql = SCOPED + "".join(f" AND {w}" for w in where) + f" ORDER BY c.started_at LIMIT {LIMIT}"
+    async with request.app[POOL].acquire() as conn:
+        rows = await conn.fetch(sql, *args)
+    return json_response({"items": [dict(r) for r in rows]})
+
+
+async def get_call(request: web.Request) -> web.Response:
+    p = principal_of(request)
+    async with request.app[POOL].acquire() as conn:
+        row = await conn.fetchrow(f"{SCOPED} AND c.id = $2", p.scope_id, call_id(request))
+    if row is None:
+        raise not_found("call")
+    return json_response(dict(row))
+
+
+async def hang_up(request: web.Request) -> web.Response:
+    """The node's agent hangs the call up; its CDR then settles it as usual."""
+    p = principal_of(request)
+    key = call_id(request)
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT c.node_id, c.channel_name, c.dealer_path FROM calls c"
+                                  " WHERE c.id = $2 AND c.dealer_path @> ARRAY[$1]::bigint[]",
+                                  p.scope_id, key)
+        if row is None:
+            raise not_found("call")
+        await conn.execute("SELECT pg_notify($1, $2)", HANGUP_CHANNEL, json.dumps(
+            {"node_id": row["node_id"], "channel_name": row["channel_name"],
+             "call_id": str(key)}))
+        await audit.record(conn, p, "hangup", "call", str(key), list(row["dealer_path"]),
+                           None, {"call_id": str(key)})
+    return json_response({"id": str(key), "status": "hangup requested"}, 202)
+
+
+def register(routes: RouteTable) -> None:
+    items = {"type": "object", "properties": {"items": {"type": "array", "items": {
+        "type": "object"}}}}
+    routes.add("GET", "/api/v1/calls", list_calls,
+               f"Calls in progress in the caller's subtree (at most {LIMIT})", "calls",
+               response=items, query=params(FILTERS))
+    routes.add("GET", "/api/v1/calls/{call_id}", get_call, "One call in progress", "calls",
+               response={"type": "object"})
+    routes.add("DELETE", "/api/v1/calls/{call_id}", hang_up, "Hang up a call in progress",
+               "calls", response={"type": "object"}, status=202)

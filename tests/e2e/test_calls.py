@@ -1,0 +1,467 @@
+"""Real-time call control end to end: two real Asterisk nodes, their agents, SIPp phones and
+a SIPp carrier. Admission on every call, caps across nodes, prepaid cut-off, rating, CDRs
+imported exactly once from the nodes' files, live calls, DIDs from the carrier."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.calls import lifecycle
+from controlplane.calls.node_control import CallControlConfig
+from controlplane.provisioning.agent import NodeAgent
+from controlplane.provisioning.desired import load_node
+from controlplane.sandbox import SandboxNode
+from tests.e2e.sipp import Phone, SippRun, next_port, register, sipp
+
+pytestmark = pytest.mark.e2e
+
+NODE_A, NODE_B = "127.0.0.7", "127.0.0.8"
+RESELLER_A, RESELLER_B = "127.0.0.41", "127.0.0.42"
+CARRIER = "127.0.0.50"
+RATES = ("prefix;description;price_per_minute;connection_fee;first_increment;next_increment;"
+         "free_seconds\n"
+         "5511;Sao Paulo fixed;0.60;0;6;6;0\n"
+         "551144;Expensive test range;6.00;0;6;6;0\n"
+         "55;Brazil;1.20;0;30;6;3\n")
+
+
+def _node(name: str, address: str, base: Path, cache: Path, creds: Any) -> SandboxNode:
+    return SandboxNode(name=name, address=address, base_dir=base, cache_dir=cache,
+                       ami_user=creds.ami_user, ami_secret=creds.ami_secret,
+                       ari_user=creds.ari_user, ari_password=creds.ari_password)
+
+
+@pytest.fixture(scope="module")
+def nodes(sandbox_root, sandbox_cache_dir, node_credentials, tmp_path_factory):
+    base = tmp_path_factory.mktemp("calls")
+    started = []
+    try:
+        for name, address in (("calls-a", NODE_A), ("calls-b", NODE_B)):
+            node = _node(name, address, base, sandbox_cache_dir, node_credentials)
+            node.start(timeout=60)
+            started.append(node)
+        yield started
+    finally:
+        for node in started:
+            node.stop()
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], what: str,
+                within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class Calls:
+    """The platform with two nodes, each driven by its agent (provisioning + call control)."""
+
+    def __init__(self, api, db, settings, nodes: list[SandboxNode], node_ids: list[int]):
+        self.api, self.db, self.settings = api, db, settings
+        self.nodes, self.node_ids = nodes, node_ids
+        self.agents: dict[int, tuple[NodeAgent, asyncio.Event, asyncio.Task]] = {}
+        self.lease = 30.0
+
+    async def start_agent(self, i: int) -> NodeAgent:
+        node = self.nodes[i]
+        async with self.db.acquire() as conn:
+            record = await load_node(conn, node.name)
+        config = CallControlConfig(agi_port=0, cdr_file=node.cdr_file, tick=0.2, lead=5.0,
+                                   lease=self.lease, lease_every=0.5, cdr_every=0.1)
+        agent = NodeAgent(self.db, record, node.tenant_config_dir, dsn=self.settings.dsn,
+                          manage_interface="lo", debounce=0.1, calls=config)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        self.agents[i] = (agent, stop, task)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while agent.reconciles < 1 or not agent.calls.agi_url:
+            if task.done():
+                task.result()
+            assert loop.time() < deadline, "the agent did not start"
+            await asyncio.sleep(0.05)
+        return agent
+
+    async def stop_agent(self, i: int) -> None:
+        agent, stop, task = self.agents.pop(i)
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+    async def settle(self) -> None:
+        """Every agent has applied what the API changed."""
+        for agent, _, _ in self.agents.values():
+            await agent.wait_idle(15)
+
+    async def customer(self, *, dealer_calls: int | None = None) -> dict[str, Any]:
+        """A distributor on node A with two resellers, one per node, each with a tenant whose
+        plan prices calls with RATES."""
+        api = self.api
+        dist = await api.dealer("distributor", node_id=self.node_ids[0], max_calls=dealer_calls)
+        table = api.ok(await api.post("/api/v1/rate-tables", {
+            "dealer_id": dist["id"], "name": "Retail"}), 201)
+        api.ok(await api.call("POST", f"/api/v1/rate-tables/{table['id']}/import",
+                              raw=RATES.encode(), content_type="text/csv"))
+        plan = api.ok(await api.post("/api/v1/plans", {
+            "dealer_id": dist["id"], "name": "Standard", "rate_table_id": table["id"]}), 201)
+        out: dict[str, Any] = {"dist": dist, "plan": plan, "tenants": []}
+        for node_id, address in zip(self.node_ids, (RESELLER_A, RESELLER_B), strict=True):
+            reseller = await api.dealer("reseller", parent_id=dist["id"], node_id=node_id,
+                                        registration_address=address)
+            tenant = await api.tenant(reseller["id"])
+            out["tenants"].append((tenant, address))
+        return out
+
+    async def phone(self, tenant: dict, registrar: str, number: str, *,
+                    credit: str | None = "50.00", **fields: Any) -> tuple[dict, Phone]:
+        ext = await self.api.extension(tenant["id"], number, **fields)
+        secret = self.api.ok(await self.api.post(
+            f"/api/v1/extensions/{ext['id']}/reveal-password"))["sip_password"]
+        if credit is not None:
+            self.api.ok(await self.api.post(f"/api/v1/extensions/{ext['id']}/credit",
+                                            {"amount": credit}))
+        return ext, Phone(ext["account_code"], secret, registrar)
+
+    async def carrier(self, node_index: int, port: int = 5060) -> dict:
+        return self.api.ok(await self.api.post("/api/v1/carriers", {
+            "node_id": self.node_ids[node_index], "name": f"carrier-{node_index}",
+            "host": CARRIER, "port": port}), 201)
+
+    async def cdrs(self, **query: Any) -> list[dict]:
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        return self.api.ok(await self.api.get(f"/api/v1/cdrs?limit=500&{q}"))["items"]
+
+    async def live(self, **query: Any) -> list[dict]:
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        return self.api.ok(await self.api.get(f"/api/v1/calls?{q}"))["items"]
+
+    async def counters(self) -> dict[tuple[str, int], int]:
+        async with self.db.acquire() as conn:
+            rows = await conn.fetch("SELECT kind, id, active FROM call_counters")
+        return {(r["kind"], r["id"]): r["active"] for r in rows}
+
+
+@pytest.fixture
+async def calls(api, db, nodes, settings, node_credentials) -> AsyncIterator[Calls]:
+    ids = []
+    for node in nodes:
+        created = api.ok(await api.post("/api/v1/nodes", {
+            "name": node.name, "sip_address": node.address, "ami_host": node.address,
+            "ami_username": node_credentials.ami_user,
+            "ami_secret": node_credentials.ami_secret,
+            "ari_url": f"http://{node.address}:8088", "ari_username": node_credentials.ari_user,
+            "ari_password": node_credentials.ari_password}), 201)
+        ids.append(created["id"])
+    for node in nodes:  # the database is new for every test: so are the nodes' CDR files
+        if node.cdr_file.exists():
+            node.cdr_file.write_bytes(b"")
+    platform = Calls(api, db, settings, nodes, ids)
+    for i in range(len(nodes)):
+        await platform.start_agent(i)
+    try:
+        yield platform
+    finally:
+        for i in list(platform.agents):
+            await platform.stop_agent(i)
+
+
+def carrier_uas(calls: int, seconds: float) -> asyncio.Task[SippRun]:
+    """The carrier: answers `calls` calls on CARRIER:5060 and hangs up when told."""
+    return asyncio.create_task(sipp("uas_answer.xml", None, ["carrier"], port=5060,
+                                    local_ip=CARRIER, calls=calls, timeout=seconds))
+
+
+async def place(phone: Phone, number: str, *, hold_ms: int = 1000,
+                scenario: str = "uac_hold.xml", timeout: float = 15) -> SippRun:
+    return await sipp(scenario, f"{phone.registrar}:5060", [phone.row(number)],
+                      port=next_port(), timeout=timeout, extra=("-d", str(hold_ms)))
+
+
+async def test_outbound_call_goes_to_the_carrier_and_leaves_one_rated_cdr(calls):
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "2001", plan_id=world["plan"]["id"])
+    await calls.settle()
+    carrier = carrier_uas(1, 20)
+    call = asyncio.create_task(place(phone, "33334444", hold_ms=2000))
+
+    async def live() -> bool:
+        return bool(await calls.live(extension_id=ext["id"]))
+
+    await until(live, "the call to show as live")
+    [item] = await calls.live(tenant_id=tenant["id"])
+    assert item["direction"] == "outbound" and item["callee"] == "+551133334444"
+    assert item["call_class"] == "local" and item["granted_seconds"] == 60
+    assert (await call).ok, call.result().output
+    assert (await carrier).ok, carrier.result().output
+
+    async def billed() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(billed, "the CDR")
+    [cdr] = await calls.cdrs(extension_id=ext["id"])
+    assert cdr["disposition"] == "ANSWERED" and cdr["call_class"] == "local"
+    assert cdr["rate_prefix"] == "5511" and cdr["billed_seconds"] == 6
+    assert 1.5 < float(cdr["talk_seconds"]) < 3.5
+    assert Decimal(cdr["price"]) == Decimal("0.0600")
+    assert cdr["dealer_path"][-2:] == [world["dist"]["id"], tenant["dealer_id"]]
+    account = calls.api.ok(await calls.api.get(f"/api/v1/extensions/{ext['id']}/credit"))
+    assert Decimal(account["balance"]) == Decimal("49.9400")
+    assert Decimal(account["reserved"]) == 0
+    assert await calls.live() == []
+
+
+async def test_simultaneous_calls_on_two_nodes_never_exceed_the_dealers_cap(calls):
+    cap, attempts = 3, 8
+    world = await calls.customer(dealer_calls=cap)
+    await calls.carrier(0)
+    await calls.carrier(1)
+    phones = []
+    for i in range(attempts):
+        tenant, registrar = world["tenants"][i % 2]
+        _, phone = await calls.phone(tenant, registrar, f"30{i:02d}", plan_id=world["plan"]["id"])
+        phones.append(phone)
+    await calls.settle()
+    carrier = carrier_uas(cap, 30)
+    results = await asyncio.gather(*(place(p, "33334444", hold_ms=4000) for p in phones))
+    connected = [r for r in results if r.ok]
+    assert len(connected) == cap, [r.output[-400:] for r in results]
+    await carrier
+
+    async def all_cdrs() -> bool:
+        return len(await calls.cdrs(dealer_id=world["dist"]["id"])) == attempts
+
+    await until(all_cdrs, "a CDR for every attempt", within=15)
+    cdrs = await calls.cdrs(dealer_id=world["dist"]["id"])
+    refused = [c for c in cdrs if c["refusal"]]
+    assert len(refused) == attempts - cap
+    assert {(c["refusal"], c["sip_code"]) for c in refused} == {("dealer_call_limit", 503)}
+    assert {c["node_id"] for c in cdrs if not c["refusal"]} <= set(calls.node_ids)
+    counters = await calls.counters()
+    assert counters[("d", world["dist"]["id"])] == 0
+
+
+async def test_prepaid_call_is_cut_when_its_credit_ends(calls):
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    # 6.00 a minute in 6-second blocks: 1.20 pays for exactly 12 seconds
+    ext, phone = await calls.phone(tenant, registrar, "4001", plan_id=world["plan"]["id"],
+                                   credit="1.20")
+    await calls.settle()
+    carrier = carrier_uas(1, 40)
+    run = await place(phone, "44445555", scenario="uac_until_cut.xml", timeout=30)
+    assert run.ok, run.output
+    await carrier
+
+    async def billed() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(billed, "the CDR")
+    [cdr] = await calls.cdrs(extension_id=ext["id"])
+    assert cdr["rate_prefix"] == "551144"
+    assert abs(float(cdr["talk_seconds"]) - 12.0) <= 0.5, cdr
+    account = calls.api.ok(await calls.api.get(f"/api/v1/extensions/{ext['id']}/credit"))
+    # never below the floor (0) by more than one increment (6 s at 6.00/min = 0.60)
+    assert Decimal(account["balance"]) >= Decimal("-0.60")
+    assert Decimal(account["balance"]) == Decimal("0.0000")
+    assert Decimal(account["reserved"]) == 0
+
+
+async def test_refusals_answer_with_the_sip_code_of_their_reason(calls):
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    _, broke = await calls.phone(tenant, registrar, "5001", plan_id=world["plan"]["id"],
+                                 credit=None)
+    _, local_only = await calls.phone(tenant, registrar, "5002", plan_id=world["plan"]["id"],
+                                      allow_international=False)
+    await calls.settle()
+    no_credit = await place(broke, "33334444")
+    forbidden = await place(local_only, "+14155550100")
+    assert not no_credit.ok and not forbidden.ok
+
+    async def both() -> bool:
+        return len(await calls.cdrs(tenant_id=tenant["id"])) == 2
+
+    await until(both, "the refused calls' CDRs")
+    got = {(c["refusal"], c["sip_code"]) for c in await calls.cdrs(tenant_id=tenant["id"])}
+    assert got == {("no_credit", 402), ("class_forbidden_international", 403)}
+
+
+async def test_carrier_call_to_a_did_rings_its_extension(calls):
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "6001", credit=None)
+    rng = calls.api.ok(await calls.api.post("/api/v1/number-ranges", {
+        "dealer_id": tenant["dealer_id"], "name": "DIDs", "country_code": "55",
+        "area_code": "11", "first_number": 30000000, "last_number": 30000099}), 201)
+    did = calls.api.ok(await calls.api.post("/api/v1/dids", {
+        "range_id": rng["id"], "local_number": 30000042, "extension_id": ext["id"]}), 201)
+    await calls.settle()
+    port = next_port()
+    assert (await register(phone, port=port)).ok
+    callee = asyncio.create_task(sipp("uas_answer.xml", None, [phone.row()], port=port,
+                                      timeout=15))
+    await asyncio.sleep(0.3)
+    run = await sipp("uac_inbound.xml", f"{NODE_A}:5060",
+                     [f"{did['e164'].lstrip('+')};{NODE_A};551199998888"], port=next_port(),
+                     local_ip=CARRIER, timeout=10, extra=("-d", "1000"))
+    assert run.ok, run.output
+    assert (await callee).ok
+
+    async def recorded() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(recorded, "the inbound CDR")
+    [cdr] = await calls.cdrs(extension_id=ext["id"])
+    assert cdr["direction"] == "inbound" and cdr["disposition"] == "ANSWERED"
+    assert cdr["callee"] == did["e164"] and Decimal(cdr["price"]) == 0
+
+
+async def test_unknown_did_from_the_carrier_is_refused(calls):
+    await calls.customer()
+    await calls.carrier(0)
+    await calls.settle()
+    run = await sipp("uac_inbound.xml", f"{NODE_A}:5060", [f"551130009999;{NODE_A};5511"],
+                     port=next_port(), local_ip=CARRIER, timeout=5, extra=("-d", "100"))
+    assert not run.ok
+
+
+async def test_calls_and_cdrs_survive_the_agent_restarting(calls):
+    """The call goes on while the agent is away; the restarted agent finds it (live calls
+    within 10 s), and its CDR, written by the node meanwhile, is imported once."""
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "7001", plan_id=world["plan"]["id"])
+    await calls.settle()
+    carrier = carrier_uas(1, 30)
+    call = asyncio.create_task(place(phone, "33334444", hold_ms=6000, timeout=20))
+
+    async def live() -> bool:
+        return bool(await calls.live(extension_id=ext["id"]))
+
+    await until(live, "the call to be live")
+    await calls.stop_agent(0)
+    await asyncio.sleep(1.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await calls.start_agent(0)
+    await until(live, "the call to be seen again", within=10)
+    assert loop.time() - started < 10
+    assert (await call).ok, call.result().output
+    await carrier
+
+    async def billed() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(billed, "the CDR")
+    await asyncio.sleep(0.5)
+    assert len(await calls.cdrs(extension_id=ext["id"])) == 1
+    # importing the node's file again from the start stores nothing twice
+    async with calls.db.acquire() as conn:
+        await conn.execute("UPDATE cdr_import_state SET offset_ = 0")
+    await asyncio.sleep(0.5)
+    assert len(await calls.cdrs(extension_id=ext["id"])) == 1
+
+
+async def test_cdr_of_a_call_refused_while_no_agent_runs_arrives_later(calls):
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    ext, phone = await calls.phone(tenant, registrar, "7101", plan_id=world["plan"]["id"])
+    await calls.settle()
+    await calls.stop_agent(0)
+    run = await place(phone, "33334444")
+    assert not run.ok  # closed by default: no admission, no call
+    await asyncio.sleep(0.5)
+    assert await calls.cdrs(tenant_id=tenant["id"]) == []
+    await calls.start_agent(0)
+
+    async def arrived() -> bool:
+        return bool(await calls.cdrs(tenant_id=tenant["id"]))
+
+    await until(arrived, "the CDR written while the agent was down")
+    [cdr] = await calls.cdrs(tenant_id=tenant["id"])
+    assert (cdr["refusal"], cdr["sip_code"]) == ("admission_unavailable", 503)
+
+
+async def test_api_hangs_up_a_call_in_progress(calls):
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "8001", plan_id=world["plan"]["id"])
+    await calls.settle()
+    carrier = carrier_uas(1, 30)
+    call = asyncio.create_task(place(phone, "33334444", scenario="uac_until_cut.xml",
+                                     timeout=20))
+
+    async def answered() -> bool:
+        items = await calls.live(extension_id=ext["id"])
+        return bool(items) and items[0]["state"] == "answered"
+
+    await until(answered, "the call to be answered")
+    [item] = await calls.live(extension_id=ext["id"])
+    reply = await calls.api.delete(f"/api/v1/calls/{item['id']}")
+    assert reply.status == 202
+    assert (await call).ok, call.result().output
+    await carrier
+
+    async def gone() -> bool:
+        return not await calls.live(extension_id=ext["id"])
+
+    await until(gone, "the call to end")
+
+
+async def test_a_lapsed_lease_releases_the_call_and_the_late_cdr_changes_nothing(calls):
+    calls.lease = 2.0
+    await calls.stop_agent(0)
+    await calls.start_agent(0)
+    world = await calls.customer(dealer_calls=5)
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "9001", plan_id=world["plan"]["id"])
+    await calls.settle()
+    carrier = carrier_uas(1, 30)
+    call = asyncio.create_task(place(phone, "33334444", hold_ms=5000, timeout=20))
+
+    async def answered() -> bool:
+        items = await calls.live(extension_id=ext["id"])
+        return bool(items) and items[0]["state"] == "answered"
+
+    await until(answered, "the call to be answered")
+    assert (await calls.counters())[("d", world["dist"]["id"])] == 1
+    await calls.stop_agent(0)  # nobody vouches for the call any more
+    await asyncio.sleep(calls.lease + 0.5)
+    await lifecycle.sweep(calls.db)  # or the other node's agent was first: either releases
+
+    async def released() -> bool:
+        return (await calls.counters())[("d", world["dist"]["id"])] == 0
+
+    await until(released, "the lapsed call to be released", within=3)
+    [swept] = await calls.cdrs(extension_id=ext["id"])
+    assert swept["disposition"] == "LEASE EXPIRED"
+    assert (await call).ok
+    await carrier
+    await calls.start_agent(0)  # imports the node's own CDR of the same call: one CDR a call
+    async with calls.db.acquire() as conn:
+        await until(lambda: _imported(conn), "the node's CDR file to be read")
+    assert [c["disposition"] for c in await calls.cdrs(extension_id=ext["id"])] == [
+        "LEASE EXPIRED"]
+    assert (await calls.counters())[("d", world["dist"]["id"])] == 0
+    account = calls.api.ok(await calls.api.get(f"/api/v1/extensions/{ext['id']}/credit"))
+    assert Decimal(account["reserved"]) == 0
+
+
+async def _imported(conn: Any) -> bool:
+    return bool(await conn.fetchval("SELECT offset_ > 0 FROM cdr_import_state"))
