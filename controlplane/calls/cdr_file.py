@@ -53,8 +53,10 @@ def _span(start: str, end: str) -> float:
     return max(0.0, float(end or 0) - float(start or 0))
 
 
-def _int(raw: str) -> int | None:
-    return int(raw) if raw.strip().isdigit() else None
+def _int(raw: str, digits: int = 9) -> int | None:
+    """A whole number that fits its column (int4 unless told), or None."""
+    raw = raw.strip()
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= digits else None
 
 
 def _uuid(raw: str) -> UUID | None:
@@ -73,10 +75,10 @@ def parse_line(text: str) -> CdrLine | None:
     if len(row) != len(COLUMNS):
         return None
     f = dict(zip(COLUMNS, row, strict=True))
-    started, ended, answered = _time(f["start"]), _time(f["end"]), _time(f["answer"])
-    if not f["uniqueid"] or started is None:
-        return None
-    try:
+    try:  # a line the node mangled is skipped, never retried forever
+        started, ended, answered = _time(f["start"]), _time(f["end"]), _time(f["answer"])
+        if not f["uniqueid"] or started is None:
+            return None
         return CdrLine(
             uniqueid=f["uniqueid"], sequence=_int(f["sequence"]) or 0, call_id=_uuid(f["call"]),
             started_at=started, answered_at=answered, ended_at=ended or started,
@@ -84,9 +86,9 @@ def parse_line(text: str) -> CdrLine | None:
             duration=_span(f["start"], f["end"]),
             talk_seconds=_span(f["answer"], f["end"]) if answered is not None else 0.0,
             disposition=f["disposition"], src=f["src"], dst=f["dst"], reason=f["reason"],
-            sip_code=_int(f["sip_code"]), tenant_id=_int(f["tenant"]),
+            sip_code=_int(f["sip_code"]), tenant_id=_int(f["tenant"], 18),
             account_code=f["accountcode"], direction=f["direction"])
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
 
 

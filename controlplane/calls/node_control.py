@@ -29,7 +29,7 @@ import asyncpg
 from controlplane.asterisk.ami import AmiSession, AmiUnavailable
 from controlplane.asterisk.ari import AriClient, AriError
 from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer
-from controlplane.calls import lifecycle
+from controlplane.calls import credit, lifecycle
 from controlplane.calls.admission import Admission, CallRequest, Decision, unavailable
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class CallControlConfig:
     lease: float = 30.0
     lease_every: float = 5.0
     cdr_every: float = 0.25
+    ahead: int = credit.AHEAD_SECONDS  # talk time reserved at a time, in whole increments
 
 
 def carrier_objects(carrier: Mapping[str, Any]) -> list[tuple[str, str, list[tuple[str, str]]]]:
@@ -79,7 +80,7 @@ class CallControl:
                  ari: AriClient, dsn: str, config: CallControlConfig) -> None:
         self.pool, self.node_id, self.node_name = pool, node_id, node_name
         self.ami, self.ari, self.dsn, self.config = ami, ari, dsn, config
-        self.admission = Admission(pool, lease=config.lease)
+        self.admission = Admission(pool, lease=config.lease, ahead=config.ahead)
         self.agi = FastAgiServer({"admit": self._admit, "answer": self._answer},
                                  on_timeout=self._on_timeout,
                                  handler_timeout=config.decision_timeout)
@@ -162,7 +163,8 @@ class CallControl:
         while not stop.is_set():
             try:
                 for moved in await lifecycle.extend_due(self.pool, self.node_id,
-                                                        self.config.lead, self.config.lease):
+                                                        self.config.lead, self.config.lease,
+                                                        self.config.ahead):
                     await self._move_end(moved)
             except DB_ERRORS as exc:
                 log.warning("node %s: extending calls failed: %s", self.node_name, exc)

@@ -133,8 +133,8 @@ async def extend(conn: asyncpg.Connection, call_id: UUID, seconds: int, extra: D
                  lease: float) -> float:
     """Grant the call `seconds` in all; returns the seconds from now to the new end."""
     return float(await conn.fetchval(
-        "UPDATE calls SET granted_seconds = $2, reserved = reserved + $3,"
-        " granted_until = answered_at + make_interval(secs => $2),"
+        "UPDATE calls SET granted_seconds = $2::int, reserved = reserved + $3,"
+        " granted_until = answered_at + make_interval(secs => $2::int),"
         " lease_until = greatest(lease_until, now() + make_interval(secs => $4))"
         " WHERE id = $1"
         " RETURNING extract(epoch FROM granted_until - now())", call_id, seconds, extra, lease))

@@ -70,13 +70,15 @@ class Calls:
         self.nodes, self.node_ids = nodes, node_ids
         self.agents: dict[int, tuple[NodeAgent, asyncio.Event, asyncio.Task]] = {}
         self.lease = 30.0
+        self.ahead = 60
 
     async def start_agent(self, i: int) -> NodeAgent:
         node = self.nodes[i]
         async with self.db.acquire() as conn:
             record = await load_node(conn, node.name)
         config = CallControlConfig(agi_port=0, cdr_file=node.cdr_file, tick=0.2, lead=5.0,
-                                   lease=self.lease, lease_every=0.5, cdr_every=0.1)
+                                   lease=self.lease, lease_every=0.5, cdr_every=0.1,
+                                   ahead=self.ahead)
         agent = NodeAgent(self.db, record, node.tenant_config_dir, dsn=self.settings.dsn,
                           manage_interface="lo", debounce=0.1, calls=config)
         stop = asyncio.Event()
@@ -274,6 +276,46 @@ async def test_prepaid_call_is_cut_when_its_credit_ends(calls):
     # never below the floor (0) by more than one increment (6 s at 6.00/min = 0.60)
     assert Decimal(account["balance"]) >= Decimal("-0.60")
     assert Decimal(account["balance"]) == Decimal("0.0000")
+    assert Decimal(account["reserved"]) == 0
+
+
+async def test_calls_sharing_one_account_never_overrun_it(calls):
+    """Three calls at once on a tenant's shared prepaid account holding 3.00 at 6.00 a
+    minute (30 s in all): they are granted 6 s at a time from the one balance, each is cut
+    when nothing is left, and the balance ends between 0 and minus one increment."""
+    calls.ahead = 6
+    for i in list(calls.agents):
+        await calls.stop_agent(i)
+        await calls.start_agent(i)
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    calls.api.ok(await calls.api.patch(f"/api/v1/tenants/{tenant['id']}",
+                                       {"shared_credit": True}))
+    calls.api.ok(await calls.api.post(f"/api/v1/tenants/{tenant['id']}/credit",
+                                      {"amount": "3.00"}))
+    await calls.carrier(0)
+    phones = []
+    for n in range(3):
+        _, phone = await calls.phone(tenant, registrar, f"450{n}", plan_id=world["plan"]["id"],
+                                     credit=None)
+        phones.append(phone)
+    await calls.settle()
+    carrier = carrier_uas(3, 60)
+    runs = await asyncio.gather(*(place(p, "44445555", scenario="uac_until_cut.xml",
+                                        timeout=45) for p in phones))
+    assert all(r.ok for r in runs), [r.output[-300:] for r in runs]
+    await carrier
+
+    async def billed() -> bool:
+        return len(await calls.cdrs(tenant_id=tenant["id"])) == 3
+
+    await until(billed, "the three CDRs")
+    cdrs = await calls.cdrs(tenant_id=tenant["id"])
+    talk = sum(float(c["talk_seconds"]) for c in cdrs)
+    assert 30 - 1.5 <= talk <= 30 + 1.5, [c["talk_seconds"] for c in cdrs]
+    assert sum(c["billed_seconds"] for c in cdrs) <= 30 + 6
+    account = calls.api.ok(await calls.api.get(f"/api/v1/tenants/{tenant['id']}/credit"))
+    assert Decimal("-0.60") <= Decimal(account["balance"]) <= Decimal("0.60"), account
     assert Decimal(account["reserved"]) == 0
 
 

@@ -1,0 +1,108 @@
+"""Admission against the real PostgreSQL: caps under simultaneous arrivals, credit
+reservations on a shared balance, refusals that change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from decimal import Decimal
+
+import asyncpg
+
+from controlplane.calls.admission import Admission, CallRequest
+from tests.api_helper import Api
+
+RATES = ("prefix;description;price_per_minute;connection_fee;first_increment;next_increment;"
+         "free_seconds\n55;Brazil;6.00;0;6;6;0\n")
+
+
+async def setup(api: Api, *, dealer_calls: int | None = None, credit: str = "100.00",
+                shared: bool = False) -> tuple[int, dict, list[dict]]:
+    node = api.ok(await api.post("/api/v1/nodes", {
+        "name": "n1", "sip_address": "198.51.100.1", "ami_host": "10.0.0.1",
+        "ami_username": "admin", "ami_secret": "ami-secret-123456",
+        "ari_url": "http://10.0.0.1:8088", "ari_username": "ari",
+        "ari_password": "ari-password-123456"}), 201)
+    api.ok(await api.post("/api/v1/carriers", {"node_id": node["id"], "name": "c",
+                                               "host": "198.51.100.2"}), 201)
+    dist = await api.dealer("distributor", node_id=node["id"], max_calls=dealer_calls)
+    table = api.ok(await api.post("/api/v1/rate-tables", {"dealer_id": dist["id"],
+                                                          "name": "R"}), 201)
+    api.ok(await api.call("POST", f"/api/v1/rate-tables/{table['id']}/import",
+                          raw=RATES.encode(), content_type="text/csv"))
+    plan = api.ok(await api.post("/api/v1/plans", {"dealer_id": dist["id"], "name": "P",
+                                                   "rate_table_id": table["id"]}), 201)
+    reseller = await api.dealer("reseller", parent_id=dist["id"])
+    tenant = await api.tenant(reseller["id"], shared_credit=shared)
+    if shared:
+        api.ok(await api.post(f"/api/v1/tenants/{tenant['id']}/credit", {"amount": credit}))
+    exts = []
+    for n in range(20):
+        ext = await api.extension(tenant["id"], f"2{n:03d}", plan_id=plan["id"])
+        if not shared:
+            api.ok(await api.post(f"/api/v1/extensions/{ext['id']}/credit",
+                                  {"amount": credit}))
+        exts.append(ext)
+    return node["id"], dist, exts
+
+
+def request(node_id: int, ext: dict, n: int, dialled: str = "1133334444") -> CallRequest:
+    return CallRequest(node_id=node_id, direction="external", dialled=dialled,
+                       caller=ext["account_code"], caller_number=ext["number"],
+                       tenant_id=ext["tenant_id"], channel=f"test-{n}-{uuid.uuid4()}",
+                       channel_name=f"PJSIP/{ext['account_code']}-{n:08x}")
+
+
+async def test_simultaneous_arrivals_never_pass_a_dealers_cap(api: Api, db: asyncpg.Pool):
+    node_id, dist, exts = await setup(api, dealer_calls=7)
+    admission = Admission(db)
+    decisions = await asyncio.gather(*(admission.decide(request(node_id, exts[n % 20], n))
+                                       for n in range(60)))
+    admitted = [d for d in decisions if d.admitted]
+    assert len(admitted) == 7
+    assert {(d.sip_code, d.reason) for d in decisions if not d.admitted} == {
+        (503, "dealer_call_limit")}
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 7
+        assert await conn.fetchval("SELECT active FROM call_counters WHERE kind = 'd'"
+                                   " AND id = $1", dist["id"]) == 7
+
+
+async def test_simultaneous_calls_on_one_balance_reserve_no_more_than_it_holds(
+        api: Api, db: asyncpg.Pool):
+    # 3.00 at 6.00 a minute in 6-second blocks: 30 seconds in all, 0.60 a block
+    _, _, exts = await setup(api, credit="3.00", shared=True)
+    node_id = await db.fetchval("SELECT id FROM nodes")
+    admission = Admission(db, ahead=6)
+    decisions = await asyncio.gather(*(admission.decide(request(node_id, exts[n], n))
+                                       for n in range(12)))
+    admitted = [d for d in decisions if d.admitted]
+    assert len(admitted) == 5 and all(d.grant == 6 for d in admitted)
+    assert {d.reason for d in decisions if not d.admitted} == {"no_credit"}
+    assert {d.sip_code for d in decisions if not d.admitted} == {402}
+    async with db.acquire() as conn:
+        row = await conn.fetchrow("SELECT balance, reserved FROM credit_accounts"
+                                  " WHERE extension_id IS NULL")
+    assert row["balance"] == Decimal("3.0000") and row["reserved"] == Decimal("3.0000")
+
+
+async def test_refusals_write_nothing(api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api, credit="0")
+    admission = Admission(db)
+    broke = await admission.decide(request(node_id, exts[0], 1))
+    invalid = await admission.decide(request(node_id, exts[1], 2, dialled="12"))
+    forbidden = await admission.decide(request(node_id, exts[2], 3, dialled="+14155550100"))
+    assert (broke.sip_code, broke.reason) == (402, "no_credit")
+    assert (invalid.sip_code, invalid.reason) == (404, "number_invalid")
+    assert (forbidden.sip_code, forbidden.reason) == (403, "class_forbidden_international")
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 0
+        assert await conn.fetchval("SELECT coalesce(sum(reserved), 0) FROM credit_accounts") == 0
+
+
+async def test_a_caller_cannot_borrow_another_tenants_context(api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    req = request(node_id, exts[0], 1)
+    forged = CallRequest(**{**req.__dict__, "tenant_id": exts[0]["tenant_id"] + 1000})
+    decision = await Admission(db).decide(forged)
+    assert (decision.sip_code, decision.reason) == (403, "caller_outside_tenant")

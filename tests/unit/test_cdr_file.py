@@ -1,0 +1,48 @@
+"""The node's CDR file: its lines, and reading it in pieces as Asterisk writes it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import UUID
+
+from controlplane.calls.cdr_file import parse_line, read_from
+
+CALL = "6433dfcd-fecf-4acf-8e3f-c0a44ce6d15c"
+LINE = (f'"pbx1-1796074653.0","0","{CALL}","1796074653.662516","1796074655.693703",'
+        '"1796074665.999528","12","10","ANSWERED","1001","551133334444","","","7","633679",'
+        '"outbound"')
+
+
+def test_a_line_gives_exact_times_and_talk():
+    line = parse_line(LINE)
+    assert line is not None
+    assert line.call_id == UUID(CALL) and line.tenant_id == 7 and line.direction == "outbound"
+    assert line.answered_at == datetime.fromtimestamp(1796074655.693703, UTC)
+    assert abs(line.talk_seconds - 10.305825) < 1e-6
+    assert abs(line.duration - 12.337012) < 1e-6
+
+
+def test_an_unanswered_line_talks_for_nothing_and_carries_its_refusal():
+    text = ('"n-1.3","4","","1796074661.344941","0.000000","1796074663.361773","2","0",'
+            '"NO ANSWER","1001","2002","number_invalid","404","1","763309","outbound"')
+    line = parse_line(text)
+    assert line is not None and line.answered_at is None and line.talk_seconds == 0
+    assert (line.reason, line.sip_code, line.call_id) == ("number_invalid", 404, None)
+
+
+def test_lines_that_are_not_ours_are_skipped():
+    assert parse_line("garbage") is None
+    assert parse_line('"a","b"') is None
+    assert parse_line(LINE.replace('"1796074653.662516"', '"x"')) is None
+
+
+def test_a_partly_written_last_line_waits_for_the_next_read(tmp_path):
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_text(LINE + "\n" + LINE[:40])
+    lines, offset = read_from(path, 0)
+    assert lines == [LINE] and offset == len(LINE) + 1
+    with open(path, "a") as fh:
+        fh.write(LINE[40:] + "\n")
+    more, end = read_from(path, offset)
+    assert more == [LINE] and end == 2 * (len(LINE) + 1)
+    assert read_from(path, end) == ([], end)

@@ -1,0 +1,119 @@
+"""The FastAGI server against a client speaking Asterisk's side of the protocol."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import pytest
+
+from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer, quote
+
+
+async def ask(port: int, script: str, *args: str, answer_with: bytes = b"200 result=1\n",
+              ) -> tuple[list[str], float]:
+    """Connect like Asterisk's AGI(agi://...): send the environment, acknowledge every
+    command; returns the commands received and how long the exchange took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    env = [f"agi_network_script: {script}", "agi_channel: PJSIP/100001-00000001",
+           "agi_uniqueid: node-1.1", "agi_callerid: 1001"]
+    env += [f"agi_arg_{n}: {a}" for n, a in enumerate(args, start=1)]
+    writer.write(("\n".join(env) + "\n\n").encode())
+    await writer.drain()
+    commands = []
+    while line := await reader.readline():
+        commands.append(line.decode().rstrip("\n"))
+        writer.write(answer_with)
+        await writer.drain()
+    writer.close()
+    return commands, loop.time() - start
+
+
+def policy(req: AgiRequest) -> Mapping[str, str]:
+    return {"PBX_DECISION": "refuse", "PBX_SIP_CODE": "503"}
+
+
+async def serve(handler, **kw) -> tuple[FastAgiServer, int]:
+    server = FastAgiServer({"admit": handler}, on_timeout=policy, **kw)
+    return server, await server.start("127.0.0.1", 0)
+
+
+async def test_handler_sees_script_arguments_and_channel_and_its_variables_are_set():
+    seen = []
+
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        seen.append(req)
+        return {"PBX_DECISION": "admit", "PBX_TARGET": "100002"}
+
+    server, port = await serve(admit)
+    try:
+        commands, _ = await ask(port, "admit", "7", "", "1002")
+    finally:
+        await server.close()
+    assert seen[0].args == ("7", "", "1002") and seen[0].channel == "PJSIP/100001-00000001"
+    assert seen[0].uniqueid == "node-1.1" and seen[0].callerid == "1001"
+    assert commands == ['SET VARIABLE PBX_DECISION "admit"', 'SET VARIABLE PBX_TARGET "100002"']
+
+
+async def test_a_slow_decision_is_answered_by_policy_within_the_timeout():
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        await asyncio.sleep(10)
+        return {"PBX_DECISION": "admit"}
+
+    server, port = await serve(admit, handler_timeout=0.2)
+    try:
+        commands, took = await ask(port, "admit")
+    finally:
+        await server.close()
+    assert commands == ['SET VARIABLE PBX_DECISION "refuse"', 'SET VARIABLE PBX_SIP_CODE "503"']
+    assert took < 1.0
+
+
+async def test_a_failing_decision_is_answered_by_policy():
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        raise RuntimeError("bug")
+
+    server, port = await serve(admit)
+    try:
+        commands, _ = await ask(port, "admit")
+    finally:
+        await server.close()
+    assert 'SET VARIABLE PBX_SIP_CODE "503"' in commands
+
+
+async def test_an_unknown_script_gets_no_commands():
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {"X": "1"}
+
+    server, port = await serve(admit)
+    try:
+        commands, _ = await ask(port, "other")
+    finally:
+        await server.close()
+    assert commands == []
+
+
+async def test_a_peer_that_never_sends_its_environment_is_dropped():
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {}
+
+    server, port = await serve(admit, read_timeout=0.2)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"agi_network_script: admit\n")  # and never the blank line
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\rb"])
+def test_values_cannot_carry_line_breaks(value):
+    with pytest.raises(ValueError):
+        quote(value)
+
+
+def test_quotes_and_backslashes_are_escaped():
+    assert quote('say "hi" \\ bye') == '"say \\"hi\\" \\\\ bye"'
