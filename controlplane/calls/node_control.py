@@ -31,6 +31,7 @@ from controlplane.asterisk.ari import AriClient, AriError
 from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer
 from controlplane.calls import credit, lifecycle
 from controlplane.calls.admission import Admission, CallRequest, Decision, unavailable
+from controlplane.db.listen import listen_forever
 
 log = logging.getLogger(__name__)
 
@@ -266,25 +267,11 @@ class CallControl:
             self.carriers_dirty.set()
 
     async def _listen(self, stop: asyncio.Event) -> None:
-        backoff = 0.5
-        while not stop.is_set():
-            conn = None
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-                await conn.add_listener(CALLS_CHANNEL, self._notified)
-                await conn.add_listener("pbx_changes", self._notified)
-                self.carriers_dirty.set()
-                backoff = 0.5
-                while not stop.is_set():
-                    await _pause(stop, 5)
-                    await conn.fetchval("SELECT 1", timeout=5)
-            except DB_ERRORS as exc:
-                log.warning("node %s: call notifications lost (%s)", self.node_name, exc)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    await conn.close(timeout=2)
-            await _pause(stop, backoff)
-            backoff = min(backoff * 2, 30)
+        async def resync() -> None:
+            self.carriers_dirty.set()
+
+        await listen_forever(self.dsn, [CALLS_CHANNEL, "pbx_changes"], self._notified, stop,
+                             on_connect=resync, what=f"node {self.node_name} call control")
 
     async def _hangup_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -25,6 +25,7 @@ import asyncpg
 from controlplane.asterisk.ami import AmiSession, AmiUnavailable
 from controlplane.asterisk.ari import AriClient, AriError
 from controlplane.calls.node_control import CallControl, CallControlConfig
+from controlplane.db.listen import listen_forever
 from controlplane.provisioning import desired
 from controlplane.provisioning.desired import NodeRecord
 from controlplane.provisioning.registrations import RegistrationTracker
@@ -142,31 +143,12 @@ class NodeAgent:
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """LISTEN on a dedicated connection; after any gap, reconcile everything."""
-        backoff = 0.5
-        while not stop.is_set():
-            conn = None
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
-                await conn.add_listener(CHANNEL, self._notified)
-                self.pending.full = True  # changes may have been missed while not listening
-                self.wake.set()
-                backoff = 0.5
-                while not stop.is_set():
-                    try:
-                        await asyncio.wait_for(stop.wait(), 5)
-                    except TimeoutError:
-                        await conn.fetchval("SELECT 1", timeout=self.timeout)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("node %s: database link lost (%s); retrying in %.1fs",
-                            self.node.name, exc, backoff)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    await conn.close(timeout=2)
-            try:
-                await asyncio.wait_for(stop.wait(), backoff)
-            except TimeoutError:
-                pass
-            backoff = min(backoff * 2, 30)
+        async def missed_some() -> None:
+            self.pending.full = True  # changes may have been missed while not listening
+            self.wake.set()
+
+        await listen_forever(self.dsn, [CHANNEL], self._notified, stop, on_connect=missed_some,
+                             what=f"node {self.node.name}", timeout=self.timeout)
 
     # -- applying -----------------------------------------------------------------------
     async def _work(self, stop: asyncio.Event) -> None:

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from controlplane.api.keys import POOL
 from controlplane.api.problems import not_found
-from controlplane.api.querying import conditions, params
-from controlplane.api.resource import int_filter, json_response, principal_of, text_filter
+from controlplane.api.querying import call_filters, params, scoped_items
+from controlplane.api.resource import json_response, principal_of
 from controlplane.api.routes import RouteTable
 from controlplane.store import audit
 
@@ -22,14 +22,7 @@ COLUMNS = ("c.id, c.node_id, c.direction, c.extension_id, c.tenant_id,"
            " c.granted_seconds, c.granted_until, c.reserved::text AS reserved, c.exhausted,"
            " c.lease_until")
 SCOPED = f"SELECT {COLUMNS} FROM calls c WHERE c.dealer_path @> ARRAY[$1]::bigint[]"
-FILTERS = (
-    int_filter("tenant_id", "c.tenant_id = ${}", "calls of this tenant"),
-    int_filter("extension_id", "c.extension_id = ${}", "calls of this extension"),
-    int_filter("dealer_id", "c.dealer_path @> ARRAY[${}]::bigint[]", "in this dealer's subtree"),
-    int_filter("node_id", "c.node_id = ${}", "on this node"),
-    text_filter("direction", "c.direction = ${}", "internal, outbound or inbound",
-                choices=("internal", "outbound", "inbound")),
-)
+FILTERS = call_filters("c")
 LIMIT = 5000
 HANGUP_CHANNEL = "pbx_calls"
 
@@ -42,13 +35,7 @@ def call_id(request: web.Request) -> uuid.UUID:
 
 
 async def list_calls(request: web.Request) -> web.Response:
-    p = principal_of(request)
-    args: list[object] = [p.scope_id]
-    where = conditions(request.query, FILTERS, args)
-    sql = SCOPED + "".join(f" AND {w}" for w in where) + f" ORDER BY c.started_at LIMIT {LIMIT}"
-    async with request.app[POOL].acquire() as conn:
-        rows = await conn.fetch(sql, *args)
-    return json_response({"items": [dict(r) for r in rows]})
+    return await scoped_items(request, SCOPED, FILTERS, "c.started_at", LIMIT)
 
 
 async def get_call(request: web.Request) -> web.Response:

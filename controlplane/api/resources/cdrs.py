@@ -8,14 +8,12 @@ from aiohttp import web
 from controlplane.api.fields import is_ascii_digits
 from controlplane.api.keys import POOL
 from controlplane.api.problems import invalid
-from controlplane.api.querying import conditions, params
+from controlplane.api.querying import call_filters, conditions, params
 from controlplane.api.resource import (
     DEFAULT_PAGE,
     MAX_PAGE,
-    int_filter,
     json_response,
     principal_of,
-    text_filter,
 )
 from controlplane.api.resources.audit import time_filter
 from controlplane.api.routes import QueryParam, RouteTable
@@ -27,12 +25,7 @@ SCOPED = (f"SELECT {export.SELECT} FROM cdrs c WHERE (c.dealer_path @> ARRAY[$1]
 FILTERS = (
     time_filter("since", "c.started_at >= ${}", "calls started at or after"),
     time_filter("until", "c.started_at < ${}", "calls started before"),
-    int_filter("dealer_id", "c.dealer_path @> ARRAY[${}]::bigint[]", "in this dealer's subtree"),
-    int_filter("tenant_id", "c.tenant_id = ${}", "calls of this tenant"),
-    int_filter("extension_id", "c.extension_id = ${}", "calls of this extension"),
-    int_filter("node_id", "c.node_id = ${}", "calls on this node"),
-    text_filter("direction", "c.direction = ${}", "internal, outbound or inbound",
-                choices=("internal", "outbound", "inbound")),
+    *call_filters("c"),
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.api.keys import POOL
-from controlplane.api.querying import conditions, params
+from controlplane.api.querying import params, scoped_items
 from controlplane.api.resource import (
     bool_filter,
     int_filter,
@@ -43,13 +43,7 @@ async def extension_registrations(request: web.Request) -> web.Response:
 
 
 async def list_registrations(request: web.Request) -> web.Response:
-    p = principal_of(request)
-    args: list[object] = [p.scope_id]
-    where = conditions(request.query, FILTERS, args)
-    sql = SCOPED + "".join(f" AND {w}" for w in where) + f" ORDER BY e.id LIMIT {LIMIT}"
-    async with request.app[POOL].acquire() as conn:
-        rows = await conn.fetch(sql, *args)
-    return json_response({"items": [dict(r) for r in rows]})
+    return await scoped_items(request, SCOPED, FILTERS, "e.id", LIMIT)
 
 
 async def rendered_tenant(request: web.Request) -> web.Response:
