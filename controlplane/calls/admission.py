@@ -207,36 +207,25 @@ class Admission:
                      call_class: str, rate: Rate | None = None,
                      carrier_id: int | None = None) -> Decision:
         call_id = uuid.uuid4()
-        limited = rate is not None and not credit.is_free(rate)
-        grant: int | None = None
-        reserved = Decimal(0)
-        account_id = None
-        async with conn.transaction():
-            full = await store.take_slots(conn, list(party["dealer_path"]), party["tenant_id"],
-                                          party["extension_id"])
-            if full is not None:
-                raise Refused(*LEVEL_REFUSAL[full[0]])
-            if limited:
-                assert rate is not None
-                ext_id, floor = _floor(party)
-                account = await store.lock_account(conn, party["tenant_id"], ext_id)
-                available = account["balance"] - account["reserved"] - floor
-                chosen = credit.best_grant(credit.grant_options(rate, 0, Decimal(0), self.ahead),
-                                           available)
-                if chosen is None:
-                    raise Refused(402, "no_credit")
-                grant, reserved = chosen
-                account_id = account["id"]
-                await store.hold(conn, account_id, reserved)
-            await store.insert_call(conn, {
+        options: list[tuple[int, Decimal]] = []
+        account_extension, floor = _floor(party)
+        if rate is not None and not credit.is_free(rate):
+            options = credit.grant_options(rate, 0, Decimal(0), self.ahead)
+        try:
+            grant = await store.admit(conn, {
                 "id": call_id, "node_id": req.node_id, "channel": req.channel,
                 "channel_name": req.channel_name, "direction": direction,
                 "extension_id": party["extension_id"], "tenant_id": party["tenant_id"],
-                "dealer_path": list(party["dealer_path"]),
-                "caller": caller, "callee": callee, "call_class": call_class,
-                "carrier_id": carrier_id, "account_id": account_id,
-                "rate": rate_json(rate) if rate is not None else None, "reserved": reserved,
-                "granted_seconds": grant}, self.lease)
+                "dealer_path": list(party["dealer_path"]), "caller": caller, "callee": callee,
+                "call_class": call_class, "carrier_id": carrier_id,
+                "rate": rate_json(rate) if rate is not None else None,
+                "account_extension": account_extension, "floor": floor,
+                "seconds": [s for s, _ in options], "amounts": [a for _, a in options]},
+                self.lease)
+        except store.LevelFull as full:
+            raise Refused(*LEVEL_REFUSAL[full.kind]) from None
+        except store.NoCredit:
+            raise Refused(402, "no_credit") from None
         return Decision(True, call_id=call_id, target=target, grant=grant,
                         variables={"PBX_TENANT": str(party["tenant_id"])})
 

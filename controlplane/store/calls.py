@@ -50,29 +50,37 @@ async def carrier_of(conn: asyncpg.Connection, node_id: int) -> asyncpg.Record |
     return await conn.fetchrow(CARRIER_SQL, node_id)
 
 
-async def take_slots(conn: asyncpg.Connection, path: list[int], tenant_id: int,
-                     extension_id: int | None) -> str | None:
-    """One slot on every capped level, or the level that is full (nothing taken then,
-    once the caller's transaction rolls back)."""
-    full = await conn.fetchval("SELECT take_call_slots($1, $2, $3)", path, tenant_id,
-                               extension_id)
-    return str(full) if full is not None else None
+class LevelFull(Exception):
+    def __init__(self, level: str) -> None:
+        super().__init__(level)
+        self.kind, _, key = level.partition(":")
+        self.id = int(key) if key.isdigit() else None
 
 
-async def lock_account(conn: asyncpg.Connection, tenant_id: int,
-                       extension_id: int | None) -> asyncpg.Record:
-    """The paying account, created at zero when it does not exist yet, locked until the
-    transaction ends."""
-    if extension_id is None:
-        sql = ("INSERT INTO credit_accounts (tenant_id) VALUES ($1)"
-               " ON CONFLICT (tenant_id) WHERE extension_id IS NULL"
-               " DO UPDATE SET updated_at = credit_accounts.updated_at"
-               " RETURNING id, balance, reserved")
-        return await conn.fetchrow(sql, tenant_id)
-    sql = ("INSERT INTO credit_accounts (tenant_id, extension_id) VALUES ($1, $2)"
-           " ON CONFLICT (extension_id) DO UPDATE SET updated_at = credit_accounts.updated_at"
-           " RETURNING id, balance, reserved")
-    return await conn.fetchrow(sql, tenant_id, extension_id)
+class NoCredit(Exception):
+    pass
+
+
+ADMIT_SQL = ("SELECT admit_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+             " $15, $16, $17, $18)")
+
+
+async def admit(conn: asyncpg.Connection, v: dict[str, Any], lease: float) -> int | None:
+    """Record the call, reserve its credit and take its slots, in one statement (see
+    migration 0006). Returns the seconds granted (None: not limited)."""
+    try:
+        return await conn.fetchval(
+            ADMIT_SQL, v["id"], v["node_id"], v["channel"], v["channel_name"], v["direction"],
+            v["extension_id"], v["tenant_id"], v["dealer_path"], v["caller"], v["callee"],
+            v["call_class"], v["carrier_id"], v["rate"], v["account_extension"], v["floor"],
+            v["seconds"], v["amounts"], lease)
+    except asyncpg.PostgresError as exc:
+        state = getattr(exc, "sqlstate", None)
+        if state == "PX001":
+            raise LevelFull(str(getattr(exc, "message", exc)).removeprefix("full:")) from exc
+        if state == "PX002":
+            raise NoCredit() from exc
+        raise
 
 
 async def lock_account_by_id(conn: asyncpg.Connection, account_id: int) -> asyncpg.Record:
@@ -83,23 +91,6 @@ async def lock_account_by_id(conn: asyncpg.Connection, account_id: int) -> async
 async def hold(conn: asyncpg.Connection, account_id: int, amount: Decimal) -> None:
     await conn.execute("UPDATE credit_accounts SET reserved = reserved + $2, updated_at = now()"
                        " WHERE id = $1", account_id, amount)
-
-
-INSERT_CALL = (
-    "INSERT INTO calls (id, node_id, channel, channel_name, direction, extension_id, tenant_id,"
-    " dealer_path, caller, callee, call_class, carrier_id, account_id, rate, reserved,"
-    " granted_seconds, lease_until)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,"
-    " now() + make_interval(secs => $17))")
-
-
-async def insert_call(conn: asyncpg.Connection, values: dict[str, Any], lease: float) -> None:
-    await conn.execute(INSERT_CALL, values["id"], values["node_id"], values["channel"],
-                       values["channel_name"], values["direction"], values["extension_id"],
-                       values["tenant_id"], values["dealer_path"], values["caller"],
-                       values["callee"], values["call_class"], values["carrier_id"],
-                       values["account_id"], values["rate"], values["reserved"],
-                       values["granted_seconds"], lease)
 
 
 async def answered(conn: asyncpg.Connection, call_id: UUID, callee_channel: str,
