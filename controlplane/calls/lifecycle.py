@@ -140,7 +140,11 @@ def _best_lines(lines: list[CdrLine]) -> list[CdrLine]:
 
 
 async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
-    """Import what the node's CDR file gained since the last import. Returns CDRs stored."""
+    """Import what the node's CDR file gained since the last import. Returns CDRs stored.
+
+    Each line is settled in its own short transaction (a call's settlement gives back slots
+    on counters every admission of its dealers needs), then the position is saved. Lines
+    settled before a crash and read again are stored once and settle nothing twice."""
     ident = cdr_file.file_id(path)
     if ident is None:
         return 0
@@ -153,10 +157,10 @@ async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
         texts, new_offset = cdr_file.read_from(path, offset)
         if new_offset == offset:
             return 0
-        async with conn.transaction():
-            for line in _best_lines(list(cdr_file.records(texts))):
+        for line in _best_lines(list(cdr_file.records(texts))):
+            async with conn.transaction():
                 stored += await finish(conn, node_id, line)
-            await store.save_position(conn, node_id, ident, new_offset)
+        await store.save_position(conn, node_id, ident, new_offset)
     return stored
 
 
@@ -165,29 +169,34 @@ async def sweep(pool: asyncpg.Pool) -> int:
     They are billed for the time they could have talked (at most what was granted) and
     leave a CDR marked as such; a node CDR arriving later changes nothing."""
     released = 0
-    async with pool.acquire() as conn, conn.transaction():
-        for call in await store.expired(conn):
-            now = datetime.now(UTC)
-            talk = 0.0
-            if call["answered_at"] is not None:
-                end = min(now, call["granted_until"] or now)
-                talk = max(0.0, (end - call["answered_at"]).total_seconds())
-            billed, price = bill(call, talk)
-            line = CdrLine(uniqueid=call["channel"], sequence=0, call_id=call["id"],
-                           started_at=call["started_at"], answered_at=call["answered_at"],
-                           ended_at=now, duration=(now - call["started_at"]).total_seconds(),
-                           talk_seconds=talk, disposition="LEASE EXPIRED", src=call["caller"],
-                           dst=call["callee"], reason="", sip_code=None,
-                           tenant_id=call["tenant_id"], account_code="",
-                           direction=call["direction"])
-            facts = await store.tenant_facts(conn, call["tenant_id"])
-            await store.insert_cdr(conn, _cdr_values(call["node_id"], call, facts, line, talk,
-                                                     billed, price))
-            await store.settle(conn, call, price)
-            log.warning("call %s on node %s: lease lapsed, released", call["id"],
-                        call["node_id"])
-            released += 1
-    return released
+    async with pool.acquire() as conn:
+        while True:
+            async with conn.transaction():  # one call at a time: short locks
+                expired = await store.expired(conn, limit=1)
+                if not expired:
+                    return released
+                await _release(conn, expired[0])
+                released += 1
+
+
+async def _release(conn: asyncpg.Connection, call: asyncpg.Record) -> None:
+    now = datetime.now(UTC)
+    talk = 0.0
+    if call["answered_at"] is not None:
+        end = min(now, call["granted_until"] or now)
+        talk = max(0.0, (end - call["answered_at"]).total_seconds())
+    billed, price = bill(call, talk)
+    line = CdrLine(uniqueid=call["channel"], sequence=0, call_id=call["id"],
+                   started_at=call["started_at"], answered_at=call["answered_at"], ended_at=now,
+                   duration=(now - call["started_at"]).total_seconds(), talk_seconds=talk,
+                   disposition="LEASE EXPIRED", src=call["caller"], dst=call["callee"],
+                   reason="", sip_code=None, tenant_id=call["tenant_id"], account_code="",
+                   direction=call["direction"])
+    facts = await store.tenant_facts(conn, call["tenant_id"])
+    await store.insert_cdr(conn, _cdr_values(call["node_id"], call, facts, line, talk, billed,
+                                             price))
+    await store.settle(conn, call, price)
+    log.warning("call %s on node %s: lease lapsed, released", call["id"], call["node_id"])
 
 
 async def call_for_channel(conn: asyncpg.Connection, node_id: int,

@@ -150,9 +150,8 @@ async def expired(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Re
 
 
 async def settle(conn: asyncpg.Connection, call: asyncpg.Record, price: Decimal) -> None:
-    """The call is over: release its slots and its reservation, charge its price."""
-    await conn.execute("SELECT release_call_slots($1, $2, $3)", call["dealer_path"],
-                       call["tenant_id"], call["extension_id"])
+    """The call is over: charge its price, give back its reservation and, last (they are
+    the most shared locks), its slots."""
     if call["account_id"] is not None:
         balance = await conn.fetchval(
             "UPDATE credit_accounts SET balance = balance - $2, reserved = reserved - $3,"
@@ -164,6 +163,8 @@ async def settle(conn: asyncpg.Connection, call: asyncpg.Record, price: Decimal)
                 " VALUES ($1, $2, $3, 'call', $4)", call["account_id"], -price, balance,
                 call["id"])
     await conn.execute("DELETE FROM calls WHERE id = $1", call["id"])
+    await conn.execute("SELECT release_call_slots($1, $2, $3)", call["dealer_path"],
+                       call["tenant_id"], call["extension_id"])
 
 
 CDR_COLUMNS = ("node_id", "uniqueid", "sequence", "call_id", "direction", "tenant_id",

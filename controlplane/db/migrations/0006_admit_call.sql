@@ -62,3 +62,23 @@ BEGIN
     END IF;
     RETURN grant_seconds;
 END $$;
+
+-- Giving slots back takes the counters in the same order as taking them (root first, then
+-- the tenant, then the extension), so a release and an admission never wait on each other
+-- in a cycle.
+CREATE OR REPLACE FUNCTION release_call_slots(path bigint[], tenant bigint, ext bigint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    level record;
+BEGIN
+    FOR level IN
+        SELECT 'd'::char AS kind, p.id, p.ord FROM unnest(path) WITH ORDINALITY AS p(id, ord)
+        UNION ALL SELECT 't', tenant, 1000
+        UNION ALL SELECT 'e', ext, 1001 WHERE ext IS NOT NULL
+        ORDER BY ord
+    LOOP
+        UPDATE call_counters SET active = active - 1
+         WHERE kind = level.kind AND id = level.id AND active > 0;
+    END LOOP;
+END $$;
