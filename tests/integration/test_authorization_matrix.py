@@ -359,6 +359,8 @@ CASES: dict[str, list[Case]] = {
     "DELETE /api/v1/extensions/{id}": [Case("extension", 204, fresh="extension")],
     "POST /api/v1/extensions/{id}/reveal-password": [Case("extension")],
     "POST /api/v1/extensions/{id}/rotate-password": [Case("extension")],
+    "POST /api/v1/tenants/{id}/extensions/bulk": [
+        Case("tenant", 201, body=lambda c: {"first_number": f"7{c.n:05d}0", "count": 3})],
     # registrations (reported by the node agents)
     "GET /api/v1/extensions/{id}/registrations": [Case("extension")],
     "GET /api/v1/registrations": [

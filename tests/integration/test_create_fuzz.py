@@ -147,6 +147,7 @@ class Route:
     action: str = ""                            # audit action, when not create/update
     valid: Callable[[Tree, Who, int], dict[str, Any]] = lambda t, w, n: {}
     status: int = 0                             # success status, when not 201/200
+    bulk: bool = False                          # creates many rows: {"count", "items"}
 
 
 def _dealer_body(t: Tree, w: Who, n: int) -> dict[str, Any]:
@@ -180,6 +181,10 @@ ROUTES: dict[str, Route] = {
         valid=lambda t, w, n: {"tenant_id": t.ids["T"], "number": str(10000 + n)}),
     "PATCH /api/v1/extensions/{id}": Route(
         "extensions", "extension", ("E", "E2"), valid=lambda t, w, n: {"name": f"Desk {n}"}),
+    "POST /api/v1/tenants/{id}/extensions/bulk": Route(
+        "extensions", "extension", ("T", "T2", "TC"), creates=True, bulk=True,
+        side=frozenset({"tenants", "dealers", "call_counters"}),
+        valid=lambda t, w, n: {"first_number": str(200000 + 10 * n), "count": 1 + n % 5}),
     "POST /api/v1/plans": Route(
         "plans", "plan", creates=True, valid=lambda t, w, n: {"name": f"Fuzz {n}"}),
     "PATCH /api/v1/plans/{id}": Route(
@@ -536,6 +541,9 @@ class Example:
         changed = {t for t in TABLES if before[t] != after[t]}
         allowed = {route.table, "audit_log"} | route.side
         assert changed <= allowed, f"{self!r} also changed {sorted(changed - allowed)}"
+        if route.bulk:
+            await self._check_bulk(got, before, after, mark, tally)
+            return
         grown = after[route.table][0] - before[route.table][0]
         assert grown == (1 if route.creates else 0), f"{self!r}: {route.table} grew by {grown}"
 
@@ -553,6 +561,29 @@ class Example:
             assert Decimal(got["balance"]) == balance + amount, f"{self!r}: {got['balance']}"
             return
         self._check_echo(got, tally)
+
+    async def _check_bulk(self, got: dict[str, Any], before: dict, after: dict, mark: int,
+                          tally: Tally) -> None:
+        """As many rows as asked, numbered as asked, each audited and read back as sent."""
+        sent = self.schema.validate(self.sent)
+        width, first = len(sent["first_number"]), int(sent["first_number"])
+        numbers = [str(first + i).zfill(width) for i in range(sent["count"])]
+        items = got["items"]
+        assert got["count"] == len(items) == sent["count"], f"{self!r}: {got}"
+        assert [i["number"] for i in items] == numbers, f"{self!r}: {got}"
+        grown = after[self.route.table][0] - before[self.route.table][0]
+        assert grown == len(items), f"{self!r}: {self.route.table} grew by {grown}"
+        async with self.pool.acquire() as conn:
+            entries = await conn.fetch("SELECT actor_id, action, entity, entity_id FROM audit_log"
+                                       " WHERE id > $1 ORDER BY entity_id::bigint", mark)
+        assert [tuple(e) for e in entries] == [
+            (self.who.actor, "create", "extension", str(i["id"])) for i in items], (
+            f"{self!r}: audit entries {[dict(e) for e in entries]}")
+        for item in items:
+            read = self.who.api.ok(await self.who.api.get(f"/api/v1/extensions/{item['id']}"))
+            assert (read["tenant_id"], read["number"], read["account_code"]) == (
+                self.target, item["number"], item["account_code"]), f"{self!r}: {read}"
+            self._check_echo(read, tally)
 
     async def _check_read_back(self, got: dict[str, Any]) -> None:
         api = self.who.api
