@@ -113,6 +113,7 @@ def build_app(settings: Settings, pool: asyncpg.Pool) -> web.Application:
     app = web.Application(middlewares=[problem_middleware, oauth.bearer_middleware],
                           client_max_size=MAX_BODY)
     app[SETTINGS] = settings
+    oauth.install(app)
     app[POOL] = pool
     routes = build_routes()
     routes.register(app)

@@ -3,14 +3,18 @@ bearer check that turns every /api/v1 request into a `Principal` or refuses it."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from controlplane.api.keys import POOL, PRINCIPAL, SETTINGS
@@ -21,6 +25,13 @@ from controlplane.settings import Settings
 from controlplane.store import credentials
 
 log = logging.getLogger(__name__)
+
+# Changes that can end a token's validity are announced on this channel by triggers
+# (migration 0004), whoever makes them: this process, another one, or plain SQL.
+AUTH_CHANNEL = "pbx_auth"
+PRINCIPAL_TTL = 5.0       # seconds a resolved token is reused without asking PostgreSQL
+PRINCIPAL_CACHE_MAX = 10_000
+LISTEN_PING = 5.0         # seconds between liveness checks of the LISTEN connection
 
 TOKEN_FIELDS = {"grant_type", "client_id", "client_secret", "username", "password", "scope",
                 "refresh_token", "token"}
@@ -145,13 +156,18 @@ async def token_endpoint(request: web.Request) -> web.Response:
                 refresh = params.get("refresh_token", "")
                 if not refresh:
                     raise OAuthError("invalid_request", "refresh_token is required")
-                async with conn.transaction():
-                    old = await credentials.take_refresh(conn, digest(refresh), client["id"])
-                    if old is None:
-                        raise OAuthError("invalid_grant",
-                                         "the refresh token is unknown, expired or used")
-                    body = await _issue_pair(conn, settings, client["id"], old["dealer_id"],
-                                             old["scope"])
+                try:
+                    async with conn.transaction():
+                        old = await credentials.take_refresh(conn, digest(refresh),
+                                                             client["id"])
+                        if old is None:
+                            raise OAuthError("invalid_grant",
+                                             "the refresh token is unknown, expired or used")
+                        body = await _issue_pair(conn, settings, client["id"],
+                                                 old["dealer_id"], old["scope"])
+                finally:
+                    # the old pair's access token was revoked with its refresh token
+                    request.app[PRINCIPALS].invalidate()
     except OAuthError as exc:
         return exc.response()
     return web.json_response(body, headers={"Cache-Control": "no-store"})
@@ -166,7 +182,10 @@ async def revoke_endpoint(request: web.Request) -> web.Response:
         async with request.app[POOL].acquire() as conn:
             client = await _authenticate_client(conn, params, source_ip(request, settings))
             if token:
-                await credentials.revoke_token(conn, digest(token), client["id"])
+                try:
+                    await credentials.revoke_token(conn, digest(token), client["id"])
+                finally:
+                    request.app[PRINCIPALS].invalidate()
     except OAuthError as exc:
         return exc.response()
     return web.Response(status=200)
@@ -184,6 +203,120 @@ def bearer_error(status: int, error: str, description: str) -> web.Response:
     }).response()
 
 
+class PrincipalCache:
+    """Resolved bearer tokens, reused for up to PRINCIPAL_TTL seconds, keyed by (token
+    hash, client address).
+
+    Revocation stays immediate: entries are kept only while a connection LISTENs on
+    AUTH_CHANNEL, on which triggers announce every change that can end a token's validity
+    (a token revoked or its expiry moved, API credentials revoked, their allowlist changed
+    or deleted, a dealer deactivated, its password changed or deleted), made by any process
+    or by plain SQL; each notification empties the cache. Writes through this process that
+    can revoke (dealer changes, /oauth/revoke, refresh grants) also empty it themselves
+    before they answer, so their caller never sees the old token work again. When the
+    LISTEN connection is down nothing is cached and every request asks PostgreSQL.
+    A lookup that started before an invalidation is not stored (generation check), so an
+    answer read before a revocation committed cannot outlive it. Only successful
+    resolutions are cached; refusals always ask PostgreSQL again.
+    """
+
+    def __init__(self, ttl: float = PRINCIPAL_TTL, max_entries: int = PRINCIPAL_CACHE_MAX):
+        self.ttl, self.max_entries = ttl, max_entries
+        self.entries: dict[tuple[bytes, str], tuple[float, Principal]] = {}
+        self.generation = 0
+        self.listening = False
+        self.served = False  # the last LISTEN connection came up
+
+    def get(self, key: tuple[bytes, str]) -> Principal | None:
+        hit = self.entries.get(key)
+        if hit is None:
+            return None
+        if hit[0] <= time.monotonic() or not self.listening:
+            self.entries.pop(key, None)
+            return None
+        return hit[1]
+
+    def put(self, key: tuple[bytes, str], principal: Principal, token_expires: datetime,
+            generation: int) -> None:
+        if not self.listening or generation != self.generation:
+            return
+        now = time.monotonic()
+        left = (token_expires - datetime.now(UTC)).total_seconds()
+        if left <= 0:
+            return
+        if len(self.entries) >= self.max_entries:
+            self.entries = {k: v for k, v in self.entries.items() if v[0] > now}
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+        self.entries[key] = (now + min(self.ttl, left), principal)
+
+    def invalidate(self) -> None:
+        self.generation += 1
+        self.entries.clear()
+
+    def _notified(self, *_: Any) -> None:
+        self.invalidate()
+
+    def _lost(self, *_: Any) -> None:
+        self.listening = False
+        self.invalidate()
+
+    async def listen(self, pool: asyncpg.Pool) -> None:
+        """Hold one pooled connection LISTENing on AUTH_CHANNEL for as long as the
+        application runs; reconnect with backoff when it is lost."""
+        backoff = 0.5
+        while True:
+            try:
+                await self._listen_once(pool)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    TimeoutError) as exc:
+                log.warning("token cache off: %s channel lost (%s); retrying in %.1fs",
+                            AUTH_CHANNEL, exc, backoff)
+            backoff = 0.5 if self.served else min(backoff * 2, 30)
+            self.served = False
+            await asyncio.sleep(backoff)
+
+    async def _listen_once(self, pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn:
+            await conn.add_listener(AUTH_CHANNEL, self._notified)
+            conn.add_termination_listener(self._lost)
+            try:
+                self.invalidate()  # whatever happened while nobody listened
+                self.listening = self.served = True
+                while True:
+                    await asyncio.sleep(LISTEN_PING)
+                    await conn.fetchval("SELECT 1", timeout=LISTEN_PING)
+            finally:
+                self._lost()
+                conn.remove_termination_listener(self._lost)
+                if not conn.is_closed():
+                    try:  # UNLISTEN before the connection goes back to the pool
+                        await conn.remove_listener(AUTH_CHANNEL, self._notified)
+                    except Exception:  # noqa: BLE001 - then it does not go back at all
+                        conn.terminate()
+
+
+PRINCIPALS = web.AppKey("principals", PrincipalCache)
+
+
+async def _principal_cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[PRINCIPALS].listen(app[POOL]), name="principal-cache")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def install(app: web.Application) -> None:
+    """Give `app` its token cache and the LISTEN connection that keeps it honest."""
+    app[PRINCIPALS] = PrincipalCache()
+    app.cleanup_ctx.append(_principal_cache_ctx)
+
+
+# Writes under these paths may revoke tokens (password, deactivation, API credentials).
+REVOKING_PREFIX = "/api/v1/dealers"
+
+
 @web.middleware
 async def bearer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/api/v1/"):
@@ -194,18 +327,30 @@ async def bearer_middleware(request: web.Request, handler: Handler) -> web.Strea
         return bearer_error(401, "invalid_token", "a Bearer access token is required")
     settings: Settings = request.app[SETTINGS]
     ip = source_ip(request, settings)
-    async with request.app[POOL].acquire() as conn:
-        row = await credentials.principal_for_token(conn, digest(token.strip()), ip or "0.0.0.0")
-    if row is None:
-        return bearer_error(401, "invalid_token", "the access token is invalid or expired")
-    if not row["source_allowed"]:
-        return bearer_error(403, "access_denied", f"requests from {ip} are not allowed")
-    request[PRINCIPAL] = Principal(
-        actor_id=row["dealer_id"], scope_id=row["scope_id"], scope_level=row["level"],
-        scope_path=tuple(row["path"]), client_id=row["client_id"],
-        impersonating=row["acting_as_id"] is not None, source_ip=ip,
-    )
-    return await handler(request)
+    cache = request.app[PRINCIPALS]
+    key = (digest(token.strip()), ip)
+    principal = cache.get(key)
+    if principal is None:
+        generation = cache.generation
+        async with request.app[POOL].acquire() as conn:
+            row = await credentials.principal_for_token(conn, key[0], ip or "0.0.0.0")
+        if row is None:
+            return bearer_error(401, "invalid_token", "the access token is invalid or expired")
+        if not row["source_allowed"]:
+            return bearer_error(403, "access_denied", f"requests from {ip} are not allowed")
+        principal = Principal(
+            actor_id=row["dealer_id"], scope_id=row["scope_id"], scope_level=row["level"],
+            scope_path=tuple(row["path"]), client_id=row["client_id"],
+            impersonating=row["acting_as_id"] is not None, source_ip=ip,
+        )
+        cache.put(key, principal, row["expires_at"], generation)
+    request[PRINCIPAL] = principal
+    if request.method == "GET" or not request.path.startswith(REVOKING_PREFIX):
+        return await handler(request)
+    try:
+        return await handler(request)
+    finally:
+        cache.invalidate()
 
 
 async def issue_impersonation(conn: Any, settings: Settings, p: Principal,

@@ -9,7 +9,7 @@ import asyncpg
 
 PRINCIPAL_SQL = """
 SELECT tk.dealer_id, tk.acting_as_id, c.client_id, s.id AS scope_id, s.level::text AS level,
-       s.path, ($2::inet <<= ANY (c.allowed_cidrs)) AS source_allowed
+       s.path, ($2::inet <<= ANY (c.allowed_cidrs)) AS source_allowed, tk.expires_at
   FROM oauth_tokens tk
   JOIN api_clients c ON c.id = tk.client_pk
   JOIN dealers s ON s.id = COALESCE(tk.acting_as_id, tk.dealer_id)
