@@ -40,6 +40,7 @@ is given its expected answers here.
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,8 @@ class Holdings:
     range: int = MISSING
     did: int = MISSING
     audit: int = MISSING
+    call: str = ""  # a call in progress of its extension (as admission records one)
+    cdr: int = MISSING
     account_code: str = ""
     numbers: Any = None  # iterator of free local numbers of the range
 
@@ -164,6 +167,19 @@ async def _fill(op: Api, h: Holdings, slot: int, node: int) -> None:
             "INSERT INTO registrations (node_id, account_code, uri, user_agent)"
             " VALUES ($1, $2, $3, 'matrix-phone')", node, h.account_code,
             f"sip:{h.account_code}@192.0.2.{slot + 1}:5060")
+        # what admission and the CDR import would record: a call in progress, a CDR
+        path = await conn.fetchval("SELECT path FROM dealers WHERE id = $1", h.dealer)
+        h.call = str(uuid.uuid4())
+        await conn.execute(
+            "INSERT INTO calls (id, node_id, channel, direction, extension_id, tenant_id,"
+            " dealer_path, caller, callee, call_class, lease_until) VALUES ($1, $2, $3,"
+            " 'internal', $4, $5, $6, '1000', '1001', 'internal', now() + interval '1 day')",
+            uuid.UUID(h.call), node, f"matrix-{slot}", h.extension, h.tenant, path)
+        h.cdr = await conn.fetchval(
+            "INSERT INTO cdrs (node_id, uniqueid, tenant_id, extension_id, dealer_path,"
+            " started_at, ended_at, disposition) VALUES ($1, $2, $3, $4, $5,"
+            " '2026-01-02T10:00:00Z', '2026-01-02T10:01:00Z', 'ANSWERED') RETURNING id",
+            node, f"matrix-{slot}", h.tenant, h.extension, path)
 
 
 async def impersonate(api: Api, target: int) -> Api:
@@ -394,9 +410,25 @@ CASES: dict[str, list[Case]] = {
     "GET /api/v1/audit": [
         Case("list", query=lambda c: {"entity": "tenant", "entity_id": str(c.h.tenant)})],
     "GET /api/v1/audit/{id}": [Case("audit")],
+    # credit accounts
+    "GET /api/v1/extensions/{id}/credit": [Case("extension")],
+    "POST /api/v1/extensions/{id}/credit": [
+        Case("extension", body=lambda c: {"amount": "1.50", "description": f"top-up {c.n}"})],
+    "GET /api/v1/tenants/{id}/credit": [Case("tenant")],
+    "POST /api/v1/tenants/{id}/credit": [
+        Case("tenant", body=lambda c: {"amount": "2.00", "description": f"top-up {c.n}"})],
+    # calls in progress and CDRs
+    "GET /api/v1/calls": [Case("list", query=lambda c: {"dealer_id": str(c.h.dealer)})],
+    "GET /api/v1/calls/{call_id}": [Case("call")],
+    "DELETE /api/v1/calls/{call_id}": [Case("call", 202)],
+    "GET /api/v1/cdrs": [LIST],
+    "GET /api/v1/cdrs/export": [Case("list", query=lambda c: {
+        "dealer_id": str(c.h.dealer), "since": "2026-01-01T00:00:00Z",
+        "until": "2026-02-01T00:00:00Z"}, label="CSV export")],
 }
 # Nodes belong to no dealer: test_only_the_operator_reaches_node_routes covers them.
-NODE_ROUTES = {op_id(op) for op in protected_operations() if op.path.startswith("/api/v1/nodes")}
+NODE_ROUTES = {op_id(op) for op in protected_operations()
+               if op.path.startswith(("/api/v1/nodes", "/api/v1/carriers"))}
 
 
 async def fresh(world: World, kind: str, h: Holdings) -> int | str:
@@ -454,6 +486,8 @@ async def build_call(world: World, op: Operation, case: Case, h: Holdings) -> Ca
         elif case.fresh is not None:
             key = await fresh(world, case.fresh, h) if h.dealer != MISSING else MISSING
         path = path.replace("{id}", str(key)).replace("{client_id}", client_id)
+    if "{call_id}" in path:
+        path = path.replace("{call_id}", h.call or str(uuid.uuid4()))
     if case.query is not None:
         path += "?" + urlencode(case.query(ctx))
     body = case.body(ctx) if case.body is not None else None
@@ -507,7 +541,7 @@ async def check_reachable(world: World, who: Who, owner: str) -> list[str]:
             if reply.status != want:
                 problems.append(f"{where}: expected {want}, got {reply!r}")
                 continue
-            if case.target == "list" and not reply.body["items"]:
+            if case.target == "list" and not listed(reply):
                 problems.append(f"{where}: the page is empty")
             if reply.status >= 400:
                 if not is_problem(reply):
@@ -565,10 +599,8 @@ async def check_unreachable(world: World, who: Who, owner: str) -> list[str]:
             if case.target == "list":
                 # a filter naming a dealer above the caller narrows to the caller's own
                 # part of that subtree; one naming a dealer apart finds nothing
-                resource = op.path.rsplit("/", 1)[-1]
-                mine = await expected_ids(world.pool, resource, who.scope)
-                ids = {item_id(item) for item in reply.body["items"]} \
-                    if reply.status == 200 else None
+                mine = await expected_ids(world.pool, list_resource(op.path), who.scope)
+                ids = set(listed(reply)) if reply.status == 200 else None
                 if ids is None or not ids <= mine or (rel == "apart" and ids):
                     problems.append(f"{where}: expected a page of the caller's own objects "
                                     f"only, got {reply!r}")
@@ -647,7 +679,7 @@ async def test_reseller_gets_404_on_every_route_of_its_parent(world: World) -> N
 # -- lists ------------------------------------------------------------------------------------
 
 LISTED = ("dealers", "tenants", "extensions", "plans", "rate-tables", "number-ranges", "dids",
-          "audit", "registrations")
+          "audit", "registrations", "calls", "cdrs")
 OFFERED = ("plans", "rate-tables")  # listed with what the caller's ancestors offer
 LISTERS = ("op", "D1", "S1", "R1", "R2", "R3", "op>R1", "D1>R1")
 
@@ -657,8 +689,21 @@ def item_id(item: dict[str, Any]) -> int:
     return item["id"] if "id" in item else item["extension_id"]
 
 
+def listed(reply: Reply) -> list[Any]:
+    """The ids a list answered: JSON items, or the first column of a CSV export."""
+    if isinstance(reply.body, dict):
+        return [item_id(item) for item in reply.body["items"]]
+    text = reply.body.decode() if isinstance(reply.body, bytes) else str(reply.body)
+    lines = text.splitlines()[1:]
+    return [int(line.split(",", 1)[0]) for line in lines if line]
+
+
+def list_resource(path: str) -> str:
+    return "cdrs" if path.endswith("/cdrs/export") else path.rsplit("/", 1)[-1]
+
+
 async def page_through(api: Api, path: str) -> list[dict[str, Any]]:
-    if path.endswith("/registrations"):  # one page, no paging parameters
+    if path.endswith(("/registrations", "/calls")):  # one page, no paging parameters
         return api.ok(await api.get(path))["items"]
     items: list[dict[str, Any]] = []
     after = None
@@ -700,6 +745,9 @@ async def expected_ids(pool: asyncpg.Pool, resource: str, scope: int) -> set[int
             "dids": "SELECT x.id, r.dealer_id AS owner FROM dids x"
                     " JOIN number_ranges r ON r.id = x.range_id",
             "audit": "SELECT id, scope_path[cardinality(scope_path)] AS owner FROM audit_log",
+            "calls": "SELECT id::text AS id, dealer_path[cardinality(dealer_path)] AS owner"
+                     " FROM calls",
+            "cdrs": "SELECT id, dealer_path[cardinality(dealer_path)] AS owner FROM cdrs",
             "registrations": "SELECT e.id, t.dealer_id AS owner FROM registrations r"
                              " JOIN extensions e ON e.account_code = r.account_code"
                              " JOIN tenants t ON t.id = e.tenant_id",
@@ -784,6 +832,8 @@ NODE_BODY = {"name": "node-x", "sip_address": "198.51.100.20", "ami_host": "10.0
 
 async def node_call(world: World, op: Operation) -> Call:
     n = next(_seq)
+    if op.path.startswith("/api/v1/carriers"):
+        return await carrier_call(world, op, n)
     key: int = world.node
     if op.method == "DELETE":
         key = world.op.ok(await world.op.post("/api/v1/nodes", {
@@ -792,6 +842,15 @@ async def node_call(world: World, op: Operation) -> Call:
     body = {"POST": {**NODE_BODY, "name": f"node-{n}"},
             "PATCH": {"status": "maintenance"}}.get(op.method)
     return Call(op.method, path, body)
+
+
+async def carrier_call(world: World, op: Operation, n: int) -> Call:
+    """Carriers are infrastructure of a node: a new one for every call on one."""
+    body = {"node_id": world.node, "name": f"carrier-{n}", "host": "198.51.100.30"}
+    key = world.op.ok(await world.op.post("/api/v1/carriers", body), 201)["id"]
+    path = op.path.replace("{id}", str(key))
+    return Call(op.method, path, {"POST": {**body, "name": f"carrier-{n}b"},
+                                  "PATCH": {"priority": 5}}.get(op.method))
 
 
 NODE_OPS = [op for op in protected_operations() if op_id(op) in NODE_ROUTES]

@@ -86,6 +86,8 @@ class Tree:
 async def build_tree(api: Api) -> Tree:
     ids: dict[str, int] = {"op": api.dealer_id}
     ids["N"] = api.ok(await api.post("/api/v1/nodes", NODE), 201)["id"]
+    ids["C"] = api.ok(await api.post("/api/v1/carriers", {
+        "node_id": ids["N"], "name": "Carrier C", "host": "198.51.100.9"}), 201)["id"]
     d = await api.dealer("distributor")
     ids["D"] = d["id"]
     ids["S"] = (await api.dealer("sub_distributor", ids["D"]))["id"]
@@ -159,10 +161,14 @@ def _node_body(t: Tree, w: Who, n: int) -> dict[str, Any]:
     return {**NODE, "name": f"node-f{n}"}
 
 
+# Setting a cap on simultaneous calls starts that level's call counter.
+CAPS = frozenset({"call_counters"})
+
 ROUTES: dict[str, Route] = {
-    "POST /api/v1/dealers": Route("dealers", "dealer", creates=True, valid=_dealer_body),
+    "POST /api/v1/dealers": Route("dealers", "dealer", creates=True, valid=_dealer_body,
+                                  side=CAPS),
     "PATCH /api/v1/dealers/{id}": Route(
-        "dealers", "dealer", ("S", "R", "D2"), side=frozenset({"oauth_tokens"}),
+        "dealers", "dealer", ("S", "R", "D2"), side=CAPS | {"oauth_tokens"},
         valid=lambda t, w, n: {"brand_name": f"Brand {n}"}),
     "POST /api/v1/dealers/{id}/api-clients": Route(
         "api_clients", "api_client", ("S", "R", "D2"), creates=True,
@@ -171,16 +177,17 @@ ROUTES: dict[str, Route] = {
         "dealers", "dealer", ("S", "R", "D2"), action="credit", status=200,
         valid=lambda t, w, n: {"amount": "1.5"}),
     "POST /api/v1/tenants": Route(
-        "tenants", "tenant", creates=True, side=frozenset({"dealers"}),
+        "tenants", "tenant", creates=True, side=CAPS | {"dealers"},
         valid=lambda t, w, n: {"name": f"Fuzz {n}", "dealer_id": t.ids["R"]}),
     "PATCH /api/v1/tenants/{id}": Route(
-        "tenants", "tenant", ("T", "T2"), side=frozenset({"dealers", "extensions"}),
+        "tenants", "tenant", ("T", "T2"), side=CAPS | {"dealers", "extensions"},
         valid=lambda t, w, n: {"notes": f"note {n}"}),
     "POST /api/v1/extensions": Route(
-        "extensions", "extension", creates=True, side=frozenset({"tenants", "dealers"}),
+        "extensions", "extension", creates=True, side=CAPS | {"tenants", "dealers"},
         valid=lambda t, w, n: {"tenant_id": t.ids["T"], "number": str(10000 + n)}),
     "PATCH /api/v1/extensions/{id}": Route(
-        "extensions", "extension", ("E", "E2"), valid=lambda t, w, n: {"name": f"Desk {n}"}),
+        "extensions", "extension", ("E", "E2"), side=CAPS,
+        valid=lambda t, w, n: {"name": f"Desk {n}"}),
     "POST /api/v1/tenants/{id}/extensions/bulk": Route(
         "extensions", "extension", ("T", "T2", "TC"), creates=True, bulk=True,
         side=frozenset({"tenants", "dealers", "call_counters"}),
@@ -209,6 +216,18 @@ ROUTES: dict[str, Route] = {
     "POST /api/v1/nodes": Route("nodes", "node", creates=True, valid=_node_body),
     "PATCH /api/v1/nodes/{id}": Route(
         "nodes", "node", ("N",), valid=lambda t, w, n: {"status": "online"}),
+    "POST /api/v1/carriers": Route(
+        "carriers", "carrier", creates=True,
+        valid=lambda t, w, n: {"node_id": t.ids["N"], "name": f"Carrier {n}",
+                               "host": "198.51.100.9"}),
+    "PATCH /api/v1/carriers/{id}": Route(
+        "carriers", "carrier", ("C",), valid=lambda t, w, n: {"priority": n % 1000}),
+    "POST /api/v1/extensions/{id}/credit": Route(  # one movement; the account on first use
+        "credit_movements", "extension", ("E", "E2"), creates=True, action="credit", status=200,
+        side=frozenset({"credit_accounts"}), valid=lambda t, w, n: {"amount": "1.5"}),
+    "POST /api/v1/tenants/{id}/credit": Route(  # one movement; the account on first use
+        "credit_movements", "tenant", ("T", "T2"), creates=True, action="credit", status=200,
+        side=frozenset({"credit_accounts"}), valid=lambda t, w, n: {"amount": "2.5"}),
 }
 
 
@@ -498,8 +517,13 @@ class Example:
     async def _balance(self) -> Decimal | None:
         if not self.key.endswith("/credit"):
             return None
+        sql = {"dealers": "SELECT balance FROM dealers WHERE id = $1",
+               "extensions": "SELECT coalesce((SELECT balance FROM credit_accounts"
+                             " WHERE extension_id = $1), 0)",
+               "tenants": "SELECT coalesce((SELECT balance FROM credit_accounts"
+                          " WHERE tenant_id = $1 AND extension_id IS NULL), 0)"}
         async with self.pool.acquire() as conn:
-            return await conn.fetchval("SELECT balance FROM dealers WHERE id = $1", self.target)
+            return await conn.fetchval(sql[self.path.split("/")[3]], self.target)
 
     def _known_5xx(self, raw: bytes, balance: Decimal | None) -> str | None:
         if self.shape.kind == "raw" and nesting(raw) > 200:
@@ -593,6 +617,10 @@ class Example:
             assert shown in listed["items"], f"{self!r}: {shown} not in {listed}"
             return
         collection = self.path.split("/")[3]
+        if self.key.endswith("/credit") and collection != "dealers":  # the account itself
+            read = api.ok(await api.get(self.path))
+            assert read == got, f"{self!r}: reported {got} but reads back {read}"
+            return
         read = api.ok(await api.get(f"/api/v1/{collection}/{got['id']}"))
         assert read == got, f"{self!r}: reported {got} but reads back {read}"
 
