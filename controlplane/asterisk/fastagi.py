@@ -141,12 +141,16 @@ class FastAgiServer:
                              variables: Mapping[str, str]) -> None:
         if not variables:
             return
-        # Pipelined: every command is written at once, then every reply is read.
-        writer.write("".join(f"SET VARIABLE {name} {quote(str(value))}\n"
-                             for name, value in variables.items()).encode())
-        await writer.drain()
+        commands = [f"SET VARIABLE {name} {quote(str(value))}\n".encode()
+                    for name, value in variables.items()]
+        # One command at a time, each answered before the next is sent. Asterisk reads AGI
+        # commands through a buffered stream but waits for the socket to become readable
+        # before each one: commands written ahead land in its buffer and stay there, unread,
+        # until the connection closes, so a pipelined exchange always ran into read_timeout.
         async with asyncio.timeout(self.read_timeout):
-            for _ in variables:
+            for command in commands:
+                writer.write(command)
+                await writer.drain()
                 reply = await reader.readline()
                 if not reply.startswith(b"200"):
                     raise AgiProtocolError(f"Asterisk answered {reply[:80]!r}")

@@ -375,11 +375,21 @@ class NodeAgent:
         return changed
 
     async def _flush_dialplan(self, stop: asyncio.Event) -> None:
-        """One `dialplan reload` per burst of tenant changes."""
+        """One `dialplan reload` per burst of tenant changes: once `debounce` seconds passed
+        without another one, and at the latest 8 x `debounce` after the first."""
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             await self.dialplan_dirty.wait()
-            await asyncio.sleep(self.debounce)
-            self.dialplan_dirty.clear()
+            deadline = loop.time() + 8 * self.debounce
+            while not stop.is_set():
+                self.dialplan_dirty.clear()
+                quiet = min(self.debounce, deadline - loop.time())
+                if quiet <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self.dialplan_dirty.wait(), quiet)
+                except TimeoutError:
+                    break
             if stop.is_set():
                 return
             try:

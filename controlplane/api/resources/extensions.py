@@ -126,23 +126,32 @@ class Extensions(Resource):
 
     async def before_create(self, conn: asyncpg.Connection, p: Principal,
                             data: dict[str, Any]) -> dict[str, Any]:
-        status = await conn.fetchval(
-            "SELECT t.status::text FROM tenants t JOIN dealers d ON d.id = t.dealer_id"
-            " WHERE t.id = $1 AND d.path @> ARRAY[$2]::bigint[]", data["tenant_id"], p.scope_id)
-        if status is None:
+        # the tenant's state, and whether a first random account code is free, at once
+        code = data.get("account_code") or f"{secrets.randbelow(900000) + 100000}"
+        row = await conn.fetchrow(
+            "SELECT t.status::text AS status, NOT EXISTS (SELECT 1 FROM extensions"
+            "   WHERE account_code = $3) AS code_free"
+            " FROM tenants t JOIN dealers d ON d.id = t.dealer_id"
+            " WHERE t.id = $1 AND d.path @> ARRAY[$2]::bigint[]",
+            data["tenant_id"], p.scope_id, code)
+        if row is None:
             raise invalid([("/tenant_id", "is not a tenant you manage")])
-        if status == "cancelled":
+        if row["status"] == "cancelled":
             raise conflict("the tenant is cancelled", "/tenant_id")
         await self._check_plans(conn, data["tenant_id"], data)
         data.setdefault("sip_password", new_sip_password())
         if "account_code" not in data:
-            data["account_code"] = await _free_account_code(conn)
+            data["account_code"] = code if row["code_free"] else await _free_account_code(conn)
         return data
 
     async def before_update(self, conn: asyncpg.Connection, p: Principal,
                             current: asyncpg.Record, data: dict[str, Any]) -> dict[str, Any]:
         await self._check_plans(conn, current["tenant_id"], data)
         return data
+
+    # create() writes with one statement, so it runs without a transaction around it (and
+    # calls no after_write hook: Extensions has none)
+    atomic_create = True
 
     async def create(self, conn: asyncpg.Connection, p: Principal,
                      data: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +161,6 @@ class Extensions(Resource):
         sql = _audited_insert(f"INSERT INTO extensions ({', '.join(cols)}) VALUES ({values})",
                               len(cols) + 1)
         row = await conn.fetchrow(sql, *(data[c] for c in cols), *_audit_args(p))
-        await self.after_write(conn, p, row["id"])
         return self.present(row)
 
 
