@@ -33,10 +33,11 @@ What it does, end to end, cleaning up whatever it started even on failure:
      the agent has imported the node's CDR file and no call is left in the database.
      A path stops climbing after a rate at which more than 1 % of its calls failed.
   5. (2) FastAGI directly: a small client speaking the protocol (agi_* environment, blank
-     line, answers `200 result=1` to each SET VARIABLE) places --agi-rate calls/s for
-     --agi-seconds: `admit` (timed from connect to close), `answer` at once, and after
-     --hold the call's CDR line appended to the node's CDR file, as Asterisk writes it, so
-     the agent settles every call as on a real node.
+     line, answers `200 result=1` to each SET VARIABLE) places calls at each of --agi-rates
+     (calls/s) for --agi-seconds: `admit` (timed from connect to close), `answer` at once,
+     and after --hold the call's CDR line appended to the node's CDR file, as Asterisk
+     writes it, so the agent settles every call as on a real node. The target is judged
+     at the last rate (500/s).
   6. (3) The agent stops; --memory-extensions extensions are inserted by SQL (statements of
      500 rows, every trigger runs) into 20 more tenants; RSS of the API idle, then while it
      pages through all of them; a plain `pbxctl agent` starts and reconciles the node (it
@@ -45,6 +46,10 @@ What it does, end to end, cleaning up whatever it started even on failure:
      --memory-admissions admissions over the new extensions; its RSS along the way.
   7. A table with PASS/MISS per target, printed and written to bench/results/admission.txt
      (git-ignored); the agent's log to bench/results/admission_agent.log.
+
+--agent-events and --async-settle are what-ifs, not the product: they change the
+instrumented agent (its AMI session's event classes; settlements committed
+asynchronously) to measure what a change there would give; the report says so.
 
 Exit status: 0 when the run completed (whether or not the targets are met), 1 when the run
 itself failed, 2 on bad arguments. Needs root (the sandbox) and SIPp (Debian sip-tester).
@@ -165,6 +170,28 @@ def agent_child(timings: Path, cli_args: list[str]) -> None:
         finally:
             task.cancel()
 
+    events = os.environ.get("BENCH_AGENT_EVENTS")
+    if events:  # what-if: the agent's AMI session asks only for these event classes
+        from controlplane.asterisk import ami
+
+        manager_init = ami._Manager.__init__
+
+        def init(self: Any, on_lost: Any, **config: Any) -> None:
+            config["events"] = events
+            manager_init(self, on_lost, **config)
+
+        ami._Manager.__init__ = init  # type: ignore[method-assign]
+    if os.environ.get("BENCH_ASYNC_SETTLE"):  # what-if: settlements commit asynchronously
+        from controlplane.calls import lifecycle
+
+        finish = lifecycle.finish
+
+        async def async_finish(conn: Any, node_id: int, line: Any) -> bool:
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            return bool(await finish(conn, node_id, line))
+
+        lifecycle.finish = async_finish  # type: ignore[assignment]
+
     admission.Admission.decide = timed_decide  # type: ignore[method-assign]
     fastagi.FastAgiServer._answer = named_answer  # type: ignore[method-assign]
     fastagi.FastAgiServer._serve = timed_serve  # type: ignore[method-assign]
@@ -193,6 +220,7 @@ class Stack:
     node: Any = None
     sipps: set[asyncio.subprocess.Process] = field(default_factory=set)
     keep: bool = False
+    what_if: dict[str, str] = field(default_factory=dict)
     closed: bool = False
 
     @property
@@ -385,14 +413,19 @@ def agent_env(stack: Stack, dsn: str, agi_port: int) -> dict[str, str]:
 
 def start_agent(stack: Stack, dsn: str, agi_port: int, *, instrumented: bool) -> None:
     args = ["--node", NODE_NAME, "--tenant-dir", str(stack.node.tenant_config_dir)]
+    env = agent_env(stack, dsn, agi_port)
     if instrumented:
         stack.timings.unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--agent-child",
                str(stack.timings), *args]
+        if stack.what_if.get("events"):
+            env["BENCH_AGENT_EVENTS"] = stack.what_if["events"]
+        if stack.what_if.get("async_settle"):
+            env["BENCH_ASYNC_SETTLE"] = "1"
     else:
         cmd = pbxctl("agent", *args)
     with stack.agent_log.open("ab") as out:
-        stack.agent = subprocess.Popen(cmd, env=agent_env(stack, dsn, agi_port), cwd=ROOT,
+        stack.agent = subprocess.Popen(cmd, env=env, cwd=ROOT,
                                        stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL)
 
@@ -1154,8 +1187,9 @@ async def memory_phase(stack: Stack, conn: Any, api: Api, world: World, dsn: str
         log(f"memory: {args.memory_admissions:,} admissions over the seeded extensions "
             "(internal calls, answered, CDR after the hold)")
         mem.admissions = await agi_run(
-            stack, conn, world, args, agi_port, "over 100k", args.agi_rate,
-            args.memory_admissions / args.agi_rate, pairs, instrumented=False)
+            stack, conn, world, args, agi_port, "over the seeded extensions",
+            args.agi_rates[-1], args.memory_admissions / args.agi_rates[-1], pairs,
+            instrumented=False)
         log("  " + describe_agi(mem.admissions))
     mem.agent_after_admissions = rss(stack.agent.pid if stack.agent else None)
     mem.asterisk = rss(stack.node.pid)
@@ -1187,7 +1221,7 @@ class Report:
     background: float
     world: World
     runs: list[CallRun]
-    agi: AgiRun | None
+    agi: list[AgiRun]
     memory: Memory | None
     ratio: float = math.nan
 
@@ -1203,8 +1237,13 @@ def build_report(r: Report) -> str:
         f"  {len(r.world.callers)} callers (caps: distributor {a.caps[0]}, reseller {a.caps[1]},"
         f" tenant {a.caps[2]}, extension {a.caps[3]}; prepaid credit {a.credit} each), rate "
         f"table of {r.world.rates} prefixes; calls of {a.hold:g} s",
-        "",
     ]
+    if a.agent_events or a.async_settle:
+        out.append("  WHAT-IF, not the product as it is: the agent's AMI session "
+                   + (f"logs in with Events: {a.agent_events}" if a.agent_events else
+                      "is unchanged")
+                   + ("; settlements commit asynchronously" if a.async_settle else ""))
+    out.append("")
     if r.runs:
         out += [
             f"(1) SIPp calls, rate x {a.seconds:g} s each step; failed = placed - completed "
@@ -1275,17 +1314,34 @@ def build_report(r: Report) -> str:
                    "bound only if admission did too)" if best_b == top else ""),
                 f"  target (1) ratio >= {TARGET_RATIO} with zero failed calls: "
                 f"{mark(r.ratio >= TARGET_RATIO)}", ""]
-    if r.agi is not None:
-        g = r.agi
+    if r.agi:
+        out += [
+            "(2) FastAGI driven directly: each call is admit, answer at once, and its CDR line "
+            f"appended to the node's file after {a.hold:g} s",
+            "  (the agent settles it as it would a real call); ms, admit timed from connect to "
+            "close",
+            "",
+            "    rate  sent  admitted  refused   admit p50     p90     p99     max   decide p50"
+            "     p99   loop lag p99  agent%  pg%  oth%",
+        ]
+        for g in r.agi:
+            adm = [1000 * x for x in g.admit]
+            dec = [1000 * x for x in g.timings.get("decide", [])]
+            lag = [1000 * x for x in g.timings.get("lag", [])]
+            out.append(
+                f"    {g.rate:4.0f} {g.sent:5d} {g.admitted:9d} {sum(g.refused.values()):8d}  "
+                f"{pct(adm, .5):9.2f} {pct(adm, .9):7.2f} {pct(adm, .99):7.2f} "
+                f"{max(adm, default=math.nan):7.1f}   {pct(dec, .5):9.2f} {pct(dec, .99):7.2f}"
+                f"   {pct(lag, .99):12.2f}  {g.cpu['agent']:6.0f} {g.cpu['pg']:4.0f} "
+                f"{g.cpu['other']:5.0f}" + ("" if g.drained else "  NOT drained"))
+        g = r.agi[-1]
         t = g.timings
         out += [
-            f"(2) FastAGI driven directly at {g.rate:g} calls/s for {g.seconds:g} s "
-            f"({g.sent} calls, achieved {g.achieved:.0f}/s; {g.admitted} admitted"
-            + (f", refused: {dict(g.refused)}" if g.refused else "")
-            + (f", client errors: {dict(g.errors)}" if g.errors else "") + ")",
-            "  each call: admit, answer at once, its CDR line appended to the node's file "
-            f"after {a.hold:g} s (the agent settles it as it would a real call)",
             "",
+            f"  at {g.rate:g} calls/s for {g.seconds:g} s ({g.sent} calls, achieved "
+            f"{g.achieved:.0f}/s; {g.admitted} admitted"
+            + (f", refused: {dict(g.refused)}" if g.refused else "")
+            + (f", client errors: {dict(g.errors)}" if g.errors else "") + "):",
             "                                               p50      p90      p99    p99.9"
             "      max  (ms)",
             f"  admit, client: connect to close        {ms_row(g.admit)}",
@@ -1295,7 +1351,6 @@ def build_report(r: Report) -> str:
             f"  answer, server: accept to close        {ms_row(t.get('serve_answer', []))}",
             f"  agent event-loop lag (10 ms ticks)     {ms_row(t.get('lag', []))}",
             f"  pacer lateness (this process)          {ms_row(g.late)}",
-            "",
             f"  cpu (% of one core): agent {g.cpu['agent']:.0f}, pg {g.cpu['pg']:.0f}, "
             f"bench {g.cpu['bench']:.0f}, asterisk {g.cpu['asterisk']:.0f}, everything "
             f"else on the machine {g.cpu['other']:.0f}"
@@ -1437,17 +1492,21 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> int:
                 raise BenchError(f"the bypass pattern is not in the tenant's context:\n{probe}")
             log(f"world ready: tenant {world.tenant}, carrier-{world.carrier}, "
                 f"{len(world.callers)} callers; bypass in {bypass.name}")
-            report = Report(args, version, background, world, [], None, None)
+            report = Report(args, version, background, world, [], [], None)
             try:
                 if "calls" in args.only:
                     report.runs = await throughput(stack, conn, world, args)
                 if "agi" in args.only:
                     calls = [(c, "external", c.dialled, world.tenant) for c in world.callers]
-                    log(f"FastAGI: warm-up, then {args.agi_rate:g}/s for {args.agi_seconds:g} s")
+                    log("FastAGI: warm-up, then " + ", ".join(f"{r}/s" for r in args.agi_rates)
+                        + f" for {args.agi_seconds:g} s each")
                     await agi_run(stack, conn, world, args, agi_port, "warm-up", 50, 2, calls)
-                    report.agi = await agi_run(stack, conn, world, args, agi_port, "FastAGI",
-                                               args.agi_rate, args.agi_seconds, calls)
-                    log("  " + describe_agi(report.agi))
+                    for rate in args.agi_rates:
+                        run = await agi_run(stack, conn, world, args, agi_port,
+                                            f"FastAGI {rate}/s", rate, args.agi_seconds, calls)
+                        report.agi.append(run)
+                        log("  " + describe_agi(run))
+                        await asyncio.sleep(args.pause)
                 if "memory" in args.only:
                     report.memory = await memory_phase(stack, conn, api, world, dsn, agi_port,
                                                        args)
@@ -1495,7 +1554,8 @@ def port_range(value: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rates", type=int_list, default=[100, 200, 300, 400, 500, 600],
+    p.add_argument("--rates", type=int_list,
+                   default=[50, 100, 150, 200, 250, 300, 400, 500, 600],
                    help="call rates (calls/s) of (1), in order")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each step of (1)")
     p.add_argument("--hold", type=float, default=1.0, help="seconds each call talks")
@@ -1503,7 +1563,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--credit", default="10000.00", help="prepaid credit of each caller")
     p.add_argument("--caps", type=int_list, default=[20000, 10000, 5000, 100],
                    help="simultaneous-call caps: distributor,reseller,tenant,extension")
-    p.add_argument("--agi-rate", type=float, default=500.0, help="calls/s of (2)")
+    p.add_argument("--agi-rates", type=int_list, default=[100, 250, 500],
+                   help="calls/s of (2), one run each; the target is judged at the last")
     p.add_argument("--agi-seconds", type=float, default=20.0, help="length of (2)")
     p.add_argument("--memory-extensions", type=int, default=100_000,
                    help="extensions seeded for (3)")
@@ -1533,6 +1594,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the node's RTP range: 1-second calls at 600/s hold ~1,300 RTP "
                         "sessions, more than the sandbox's default 1,000 ports")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--agent-events", default="",
+                   help="what-if, not the product: the agent's AMI session logs in with "
+                        "Events: MASK (e.g. system) instead of on")
+    p.add_argument("--async-settle", action="store_true",
+                   help="what-if, not the product: the agent settles CDR lines with "
+                        "synchronous_commit off")
     args = p.parse_args(argv)
     args.only = {s.strip() for s in args.only.split(",") if s.strip()}
     if not args.only <= {"calls", "agi", "memory"}:
@@ -1558,6 +1625,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     stack = Stack(Path(tempfile.mkdtemp(prefix="pbx-bench-adm-")), keep=args.keep)
+    if args.agent_events:
+        stack.what_if["events"] = args.agent_events
+    if args.async_settle:
+        stack.what_if["async_settle"] = "yes"
     code = 1
     try:
         code = asyncio.run(main_async(args, stack))

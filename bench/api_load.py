@@ -660,14 +660,18 @@ def verdicts(results: list[Result], scenarios: list[Scenario]) -> tuple[list[str
         if not mine:
             continue
         clean = [r for r in mine if r.errors == 0] or mine
-        best = max(clean, key=lambda r: r.rps)
+        # the operating point: the most requests/s within the latency bound (a closed loop
+        # past saturation only adds queueing), else the most requests/s at all
+        bounded = [r for r in clean if r.p99 <= TARGET_P99_MS] if scn.list_target else []
+        best = max(bounded or clean, key=lambda r: r.rps)
         at16 = next((r for r in mine if r.conc == 16), None)
         for label, r in (("best", best), ("c=16", at16)):
             if r is None:
                 continue
             if scn.list_target:
                 ok = r.meets_target()
-                all_pass &= ok
+                if label == "best":
+                    all_pass &= ok
                 mark = "PASS" if ok else "MISS"
             else:
                 mark = "----"
