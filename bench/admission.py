@@ -187,8 +187,11 @@ def agent_child(timings: Path, cli_args: list[str]) -> None:
         finish = lifecycle.finish
 
         async def async_finish(conn: Any, node_id: int, line: Any) -> bool:
-            await conn.execute("SET LOCAL synchronous_commit = off")
-            return bool(await finish(conn, node_id, line))
+            await conn.execute("SET synchronous_commit = off")
+            try:
+                return bool(await finish(conn, node_id, line))
+            finally:
+                await conn.execute("RESET synchronous_commit")
 
         lifecycle.finish = async_finish  # type: ignore[assignment]
 

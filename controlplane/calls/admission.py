@@ -1,6 +1,6 @@
 """The decision taken on every call: may it proceed, where to, and for how long.
 
-One transaction per call takes a slot on every capped level (extension, tenant, each dealer
+One statement per call takes a slot on every capped level (extension, tenant, each dealer
 ancestor: counted across all nodes, since the counters live in PostgreSQL), reserves credit
 for the first interval on the paying account, and records the call with a lease. A refusal
 rolls everything back and says why, with the SIP answer the caller gets.
@@ -178,23 +178,23 @@ class Admission:
         flags = {flag: party[flag] for flag in set(PERMISSION_FLAGS.values())}
         if not permitted(c, flags):
             raise Refused(403, f"class_forbidden_{c.call_class}")
-        carrier = await store.carrier_of(conn, req.node_id)
-        if carrier is None:
+        if party["carrier_id"] is None:  # the caller's node is the request's (checked)
             raise Refused(503, "no_carrier")
         rate = None
         if c.call_class not in FREE_CLASSES:
             rate = await self._rate(conn, party, c)
         number = (c.e164 or c.dialled).lstrip("+")
-        target = f"{carrier['tech_prefix']}{number}@carrier-{carrier['id']}"
+        target = f"{party['carrier_prefix']}{number}@carrier-{party['carrier_id']}"
         return await self._admit(conn, req, party, "outbound", caller=party["number"],
                                  callee=c.e164 or c.dialled, target=target,
                                  call_class=str(c.call_class), rate=rate,
-                                 carrier_id=carrier["id"])
+                                 carrier_id=party["carrier_id"])
 
     async def _rate(self, conn: asyncpg.Connection, party: asyncpg.Record,
                     c: Classification) -> Rate:
-        plan = party["intl_plan_id"] if c.call_class == CallClass.INTERNATIONAL else None
-        table = await store.rate_table_of(conn, plan or party["plan_id"])
+        table = party["plan_rate_table"]
+        if c.call_class == CallClass.INTERNATIONAL and party["intl_plan_id"] is not None:
+            table = party["intl_rate_table"]
         if table is None:
             raise Refused(403, "no_rate_table")
         rate = await rates.find_rate(conn, table, c.e164 or "", str(c.call_class))

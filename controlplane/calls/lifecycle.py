@@ -115,22 +115,35 @@ def _cdr_values(node_id: int, call: asyncpg.Record | None, facts: asyncpg.Record
     return values
 
 
+# A call's grant moves only while it talks; its CDR is priced again at most this often.
+SETTLE_TRIES = 5
+
+
 async def finish(conn: asyncpg.Connection, node_id: int, line: CdrLine) -> bool:
-    """Store one node CDR line; if it ends a call in progress, settle that call. Run in a
-    transaction. Returns whether a CDR was stored (False: it already was)."""
-    call = await store.lock_call(conn, line.call_id) if line.call_id else None
+    """Store one node CDR line; if it ends a call in progress, settle that call. Not in a
+    transaction: the settlement is one statement (migration 0007), so the shared counters
+    are locked only while it runs. Returns whether a CDR was stored (False: it already
+    was)."""
     talk = line.talk_seconds if line.answered_at is not None else 0.0
-    billed, price = bill(call, talk) if call is not None else (0, Decimal(0))
-    tenant = call["tenant_id"] if call is not None else line.tenant_id
-    if tenant is None and line.account_code:
-        tenant = await conn.fetchval("SELECT tenant_id FROM extensions WHERE account_code = $1",
-                                     line.account_code)
-    facts = await store.tenant_facts(conn, tenant) if tenant is not None else None
-    stored = await store.insert_cdr(conn, _cdr_values(node_id, call, facts, line, talk, billed,
-                                                      price))
-    if call is not None:
-        await store.settle(conn, call, price)
-    return stored
+    facts: asyncpg.Record | None = None
+    looked_up = False
+    for _ in range(SETTLE_TRIES):
+        call = await store.get_call(conn, line.call_id) if line.call_id else None
+        billed, price = bill(call, talk) if call is not None else (0, Decimal(0))
+        if not looked_up:
+            tenant = call["tenant_id"] if call is not None else line.tenant_id
+            if tenant is None and line.account_code:
+                tenant = await conn.fetchval(
+                    "SELECT tenant_id FROM extensions WHERE account_code = $1", line.account_code)
+            facts = await store.tenant_facts(conn, tenant) if tenant is not None else None
+            looked_up = True
+        outcome, stored = await store.settle_call(
+            conn, call["id"] if call is not None else None,
+            call["granted_seconds"] if call is not None else None, price,
+            _cdr_values(node_id, call, facts, line, talk, billed, price))
+        if outcome != "stale":
+            return stored
+    raise RuntimeError(f"call {line.call_id}: its grant kept moving while it was settled")
 
 
 def _best_lines(lines: list[CdrLine]) -> list[CdrLine]:
@@ -142,7 +155,7 @@ def _best_lines(lines: list[CdrLine]) -> list[CdrLine]:
 async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
     """Import what the node's CDR file gained since the last import. Returns CDRs stored.
 
-    Each line is settled in its own short transaction (a call's settlement gives back slots
+    Each line is settled by one statement of its own (a call's settlement gives back slots
     on counters every admission of its dealers needs), then the position is saved. Lines
     settled before a crash and read again are stored once and settle nothing twice."""
     ident = cdr_file.file_id(path)
@@ -158,8 +171,7 @@ async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
         if new_offset == offset:
             return 0
         for line in _best_lines(list(cdr_file.records(texts))):
-            async with conn.transaction():
-                stored += await finish(conn, node_id, line)
+            stored += await finish(conn, node_id, line)
         await store.save_position(conn, node_id, ident, new_offset)
     return stored
 
@@ -193,9 +205,9 @@ async def _release(conn: asyncpg.Connection, call: asyncpg.Record) -> None:
                    reason="", sip_code=None, tenant_id=call["tenant_id"], account_code="",
                    direction=call["direction"])
     facts = await store.tenant_facts(conn, call["tenant_id"])
-    await store.insert_cdr(conn, _cdr_values(call["node_id"], call, facts, line, talk, billed,
-                                             price))
-    await store.settle(conn, call, price)
+    await store.settle_call(conn, call["id"], call["granted_seconds"], price,
+                            _cdr_values(call["node_id"], call, facts, line, talk, billed, price),
+                            lapsed_only=True)
     log.warning("call %s on node %s: lease lapsed, released", call["id"], call["node_id"])
 
 

@@ -18,12 +18,17 @@ _PARTY = (
     " t.node_id, t.external_ref, d.path AS dealer_path, d.active AS dealer_active"
     " FROM extensions e JOIN tenants t ON t.id = e.tenant_id"
     " JOIN dealers d ON d.id = t.dealer_id")
-CALLER_SQL = f"{_PARTY} WHERE e.account_code = $1"
+# The caller, with what an outbound call needs besides (its plans' rate tables, its node's
+# carrier) in the same round trip.
+CALLER_SQL = (
+    "SELECT p.*, (SELECT rate_table_id FROM plans WHERE id = p.plan_id) AS plan_rate_table,"
+    " (SELECT rate_table_id FROM plans WHERE id = p.intl_plan_id) AS intl_rate_table,"
+    " c.id AS carrier_id, c.tech_prefix AS carrier_prefix"
+    f" FROM ({_PARTY} WHERE e.account_code = $1) AS p"
+    " LEFT JOIN LATERAL (SELECT id, tech_prefix FROM carriers WHERE node_id = p.node_id"
+    " AND active ORDER BY priority, id LIMIT 1) AS c ON true")
 DID_SQL = f"{_PARTY} WHERE e.id = (SELECT extension_id FROM dids WHERE e164 = $1)"
 TARGET_SQL = f"{_PARTY} WHERE e.tenant_id = $1 AND e.number = $2"
-RATE_TABLE_SQL = "SELECT rate_table_id FROM plans WHERE id = $1"
-CARRIER_SQL = ("SELECT id, tech_prefix FROM carriers WHERE node_id = $1 AND active"
-               " ORDER BY priority, id LIMIT 1")
 
 
 async def caller(conn: asyncpg.Connection, account_code: str) -> asyncpg.Record | None:
@@ -37,17 +42,6 @@ async def did_owner(conn: asyncpg.Connection, e164: str) -> asyncpg.Record | Non
 async def extension_by_number(conn: asyncpg.Connection, tenant_id: int,
                               number: str) -> asyncpg.Record | None:
     return await conn.fetchrow(TARGET_SQL, tenant_id, number)
-
-
-async def rate_table_of(conn: asyncpg.Connection, plan_id: int | None) -> int | None:
-    if plan_id is None:
-        return None
-    value = await conn.fetchval(RATE_TABLE_SQL, plan_id)
-    return int(value) if value is not None else None
-
-
-async def carrier_of(conn: asyncpg.Connection, node_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(CARRIER_SQL, node_id)
 
 
 class LevelFull(Exception):
@@ -116,6 +110,10 @@ async def due_for_more(conn: asyncpg.Connection, node_id: int,
     return await conn.fetch(DUE_SQL, node_id, lead)
 
 
+async def get_call(conn: asyncpg.Connection, call_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM calls WHERE id = $1", call_id)
+
+
 async def lock_call(conn: asyncpg.Connection, call_id: UUID) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM calls WHERE id = $1 FOR UPDATE", call_id)
 
@@ -149,38 +147,18 @@ async def expired(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Re
                             " ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED", limit)
 
 
-async def settle(conn: asyncpg.Connection, call: asyncpg.Record, price: Decimal) -> None:
-    """The call is over: charge its price, give back its reservation and, last (they are
-    the most shared locks), its slots."""
-    if call["account_id"] is not None:
-        balance = await conn.fetchval(
-            "UPDATE credit_accounts SET balance = balance - $2, reserved = reserved - $3,"
-            " updated_at = now() WHERE id = $1 RETURNING balance", call["account_id"], price,
-            call["reserved"])
-        if price and balance is not None:
-            await conn.execute(
-                "INSERT INTO credit_movements (account_id, amount, balance, reason, call_id)"
-                " VALUES ($1, $2, $3, 'call', $4)", call["account_id"], -price, balance,
-                call["id"])
-    await conn.execute("DELETE FROM calls WHERE id = $1", call["id"])
-    await conn.execute("SELECT release_call_slots($1, $2, $3)", call["dealer_path"],
-                       call["tenant_id"], call["extension_id"])
+SETTLE_SQL = "SELECT outcome, stored FROM settle_call($1, $2, $3, $4::jsonb, $5)"
 
 
-CDR_COLUMNS = ("node_id", "uniqueid", "sequence", "call_id", "direction", "tenant_id",
-               "extension_id", "dealer_path", "external_ref", "caller", "callee", "call_class",
-               "carrier_id", "started_at", "answered_at", "ended_at", "duration",
-               "talk_seconds", "billed_seconds", "rate_prefix", "price_per_minute", "price",
-               "disposition", "hangup_cause", "refusal", "sip_code")
-INSERT_CDR = (f"INSERT INTO cdrs ({', '.join(CDR_COLUMNS)}) VALUES"
-              f" ({', '.join(f'${i}' for i in range(1, len(CDR_COLUMNS) + 1))})"
-              " ON CONFLICT DO NOTHING RETURNING id")
-
-
-async def insert_cdr(conn: asyncpg.Connection, values: dict[str, Any]) -> bool:
-    """Store a CDR once: a second import of the same node line, or a second line of the
-    same call (one per device it rang), changes nothing."""
-    return await conn.fetchval(INSERT_CDR, *(values.get(c) for c in CDR_COLUMNS)) is not None
+async def settle_call(conn: asyncpg.Connection, call_id: UUID | None, granted: int | None,
+                      price: Decimal, cdr: dict[str, Any] | None, *,
+                      lapsed_only: bool = False) -> tuple[str, bool]:
+    """Store a CDR and end its call in progress, in one statement (see migration 0007):
+    charge the price, give back the reservation and, last, the slots. Returns (outcome,
+    whether the CDR was new); outcome 'stale' means the call's grant moved since it was
+    priced, and nothing changed."""
+    row = await conn.fetchrow(SETTLE_SQL, call_id, granted, price, cdr, lapsed_only)
+    return str(row["outcome"]), bool(row["stored"])
 
 
 async def tenant_facts(conn: asyncpg.Connection, tenant_id: int) -> asyncpg.Record | None:

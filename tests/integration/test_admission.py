@@ -4,12 +4,17 @@ reservations on a shared balance, refusals that change nothing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
 
+from controlplane.calls import lifecycle
 from controlplane.calls.admission import Admission, CallRequest
+from controlplane.calls.cdr_file import CdrLine
+from controlplane.store import calls as calls_store
 from tests.api_helper import Api
 
 RATES = ("prefix;description;price_per_minute;connection_fee;first_increment;next_increment;"
@@ -106,3 +111,105 @@ async def test_a_caller_cannot_borrow_another_tenants_context(api: Api, db: asyn
     forged = CallRequest(**{**req.__dict__, "tenant_id": exts[0]["tenant_id"] + 1000})
     decision = await Admission(db).decide(forged)
     assert (decision.sip_code, decision.reason) == (403, "caller_outside_tenant")
+
+
+def cdr_line(decision, req: CallRequest, talk: float, *, sequence: int = 0) -> CdrLine:
+    end = datetime.now(UTC)
+    answered = end - timedelta(seconds=talk) if talk else None
+    return CdrLine(uniqueid=req.channel, sequence=sequence, call_id=decision.call_id,
+                   started_at=end - timedelta(seconds=talk + 2), answered_at=answered,
+                   ended_at=end, duration=talk + 2, talk_seconds=talk,
+                   disposition="ANSWERED" if talk else "NO ANSWER", src=req.caller_number,
+                   dst=req.dialled, reason="", sip_code=None, tenant_id=req.tenant_id,
+                   account_code=req.caller, direction="external")
+
+
+async def test_settlement_charges_once_and_gives_everything_back(api: Api, db: asyncpg.Pool):
+    # 6.00 a minute in 6-second blocks: 13 s talk is billed 18 s = 1.80
+    node_id, dist, exts = await setup(api, dealer_calls=5, credit="10.00")
+    admission = Admission(db)
+    req = request(node_id, exts[0], 1)
+    decision = await admission.decide(req)
+    assert decision.admitted
+    line = cdr_line(decision, req, 13.0)
+    async with db.acquire() as conn:
+        assert await lifecycle.finish(conn, node_id, line) is True
+        assert await lifecycle.finish(conn, node_id, line) is False  # read again: nothing
+        again = dataclasses.replace(line, sequence=1)  # a second line of the same call
+        assert await lifecycle.finish(conn, node_id, again) is False
+        account = await conn.fetchrow("SELECT balance, reserved FROM credit_accounts"
+                                      " WHERE extension_id = $1", exts[0]["id"])
+        cdr = await conn.fetchrow("SELECT * FROM cdrs WHERE call_id = $1", decision.call_id)
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 0
+        assert await conn.fetchval("SELECT active FROM call_counters WHERE kind = 'd'"
+                                   " AND id = $1", dist["id"]) == 0
+        assert await conn.fetchval("SELECT count(*) FROM credit_movements WHERE call_id = $1",
+                                   decision.call_id) == 1
+    assert account["balance"] == Decimal("8.2000") and account["reserved"] == 0
+    assert (cdr["billed_seconds"], cdr["price"], cdr["rate_prefix"]) == (18, Decimal("1.8000"),
+                                                                          "55")
+    assert dist["id"] in cdr["dealer_path"] and cdr["tenant_id"] == exts[0]["tenant_id"]
+    assert cdr["answered_at"] is not None and cdr["caller"] == exts[0]["number"]
+
+
+async def test_a_grant_moved_after_pricing_is_priced_again(api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api, credit="10.00")
+    req = request(node_id, exts[0], 1)
+    decision = await Admission(db, ahead=6).decide(req)
+    assert decision.grant == 6
+    async with db.acquire() as conn:
+        # priced for a grant of 60 s that the call does not have: nothing happens
+        outcome, stored = await calls_store.settle_call(conn, decision.call_id, 60,
+                                                        Decimal("9.99"), None)
+        assert (outcome, stored) == ("stale", False)
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 1
+        # the call was granted more (AMI extension) after it talked 6.4 s of its 6 s: the
+        # cut tolerance bills 6 s against the grant it had; priced again against 12 s
+        await conn.execute("UPDATE calls SET granted_seconds = 12 WHERE id = $1",
+                           decision.call_id)
+        assert await lifecycle.finish(conn, node_id, cdr_line(decision, req, 6.4)) is True
+        cdr = await conn.fetchrow("SELECT billed_seconds, price FROM cdrs")
+    assert (cdr["billed_seconds"], cdr["price"]) == (12, Decimal("1.2000"))
+
+
+async def test_settlements_and_admissions_racing_keep_counters_exact(api: Api, db: asyncpg.Pool):
+    node_id, dist, exts = await setup(api, dealer_calls=6, credit="100.00")
+    admission = Admission(db)
+    admitted: list[tuple] = []
+
+    async def one(n: int) -> None:
+        req = request(node_id, exts[n % 20], n)
+        decision = await admission.decide(req)
+        if decision.admitted:
+            admitted.append((decision, req))
+            await asyncio.sleep(0.01 * (n % 3))
+            async with db.acquire() as conn:
+                await lifecycle.finish(conn, node_id, cdr_line(decision, req, 3.0))
+
+    await asyncio.gather(*(one(n) for n in range(120)))
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 0
+        assert await conn.fetchval("SELECT active FROM call_counters WHERE kind = 'd'"
+                                   " AND id = $1", dist["id"]) == 0
+        assert await conn.fetchval("SELECT count(*) FROM cdrs") == len(admitted)
+        assert await conn.fetchval("SELECT sum(reserved) FROM credit_accounts") == 0
+        # each admitted call talked 3 s, billed one 6-second block: 0.60
+        spent = await conn.fetchval("SELECT sum(100 - balance) FROM credit_accounts")
+    assert 6 <= len(admitted) and spent == Decimal("0.60") * len(admitted)
+
+
+async def test_a_lapsed_lease_is_released_once(api: Api, db: asyncpg.Pool):
+    node_id, dist, exts = await setup(api, dealer_calls=5, credit="10.00")
+    req = request(node_id, exts[0], 1)
+    decision = await Admission(db).decide(req)
+    async with db.acquire() as conn:
+        await conn.execute("UPDATE calls SET lease_until = now() - interval '1 s'")
+    assert await lifecycle.sweep(db) == 1
+    assert await lifecycle.sweep(db) == 0
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT disposition FROM cdrs") == "LEASE EXPIRED"
+        assert await conn.fetchval("SELECT active FROM call_counters WHERE kind = 'd'"
+                                   " AND id = $1", dist["id"]) == 0
+        # the node's own CDR arriving later changes nothing
+        assert await lifecycle.finish(conn, node_id, cdr_line(decision, req, 30.0)) is False
+        assert await conn.fetchval("SELECT balance FROM credit_accounts") == Decimal("10.0000")
