@@ -937,6 +937,10 @@ class AgiClient:
                     if value.startswith('"') and value.endswith('"'):
                         value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
                     variables[name] = value
+                    if name == "PBX_R":  # several at once, as the dialplan splits them
+                        names, _, values = value.partition("|")
+                        variables.update(zip(names.split(","), values.split(","),
+                                             strict=False))
                     writer.write(b"200 result=1\n")
                 else:
                     writer.write(b"510 Invalid or unknown command\n")

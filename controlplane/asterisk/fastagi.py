@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -53,6 +54,25 @@ def quote(value: str) -> str:
     if "\n" in value or "\r" in value:
         raise ValueError("an AGI value cannot hold a line break")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# Several variables travel in one command, as "NAME1,NAME2|value1,value2" in this
+# variable; the dialplan sets it to "PBX_DECISION|" before the AGI and splits it after:
+#   Set(ARRAY(${CUT(PBX_R,|,1)})=${CUT(PBX_R,|,2)})
+# Every command is a round trip to Asterisk, and a decision sets up to five variables.
+PACKED = "PBX_R"
+_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+_PACKABLE = re.compile(r"[A-Za-z0-9_.@#*+:/-]*")
+
+
+def pack(variables: Mapping[str, str]) -> str | None:
+    """The PACKED value carrying `variables`, or None when one cannot be carried (a name
+    that is a function, or a value ARRAY would split or the dialplan would read)."""
+    names, values = list(variables), [str(v) for v in variables.values()]
+    if not all(_NAME.fullmatch(n) for n in names) or \
+            not all(_PACKABLE.fullmatch(v) for v in values):
+        return None
+    return ",".join(names) + "|" + ",".join(values)
 
 
 async def read_environment(reader: asyncio.StreamReader, timeout: float) -> dict[str, str]:
@@ -141,6 +161,11 @@ class FastAgiServer:
                              variables: Mapping[str, str]) -> None:
         if not variables:
             return
+        packed = pack(variables) if len(variables) > 1 else None
+        if packed is not None:
+            variables = {PACKED: packed}
+        elif len(variables) > 1:  # one at a time, and nothing left for the dialplan to split
+            variables = {**variables, PACKED: f"{PACKED}|"}
         commands = [f"SET VARIABLE {name} {quote(str(value))}\n".encode()
                     for name, value in variables.items()]
         # One command at a time, each answered before the next is sent. Asterisk reads AGI

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer, quote
+from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer, pack, quote
 
 
 async def ask(port: int, script: str, *args: str, answer_with: bytes = b"200 result=1\n",
@@ -54,7 +54,8 @@ async def test_handler_sees_script_arguments_and_channel_and_its_variables_are_s
         await server.close()
     assert seen[0].args == ("7", "", "1002") and seen[0].channel == "PJSIP/100001-00000001"
     assert seen[0].uniqueid == "node-1.1" and seen[0].callerid == "1001"
-    assert commands == ['SET VARIABLE PBX_DECISION "admit"', 'SET VARIABLE PBX_TARGET "100002"']
+    # several variables in one command, split by the dialplan
+    assert commands == ['SET VARIABLE PBX_R "PBX_DECISION,PBX_TARGET|admit,100002"']
 
 
 async def test_a_slow_decision_is_answered_by_policy_within_the_timeout():
@@ -67,7 +68,7 @@ async def test_a_slow_decision_is_answered_by_policy_within_the_timeout():
         commands, took = await ask(port, "admit")
     finally:
         await server.close()
-    assert commands == ['SET VARIABLE PBX_DECISION "refuse"', 'SET VARIABLE PBX_SIP_CODE "503"']
+    assert commands == ['SET VARIABLE PBX_R "PBX_DECISION,PBX_SIP_CODE|refuse,503"']
     assert took < 1.0
 
 
@@ -80,7 +81,7 @@ async def test_a_failing_decision_is_answered_by_policy():
         commands, _ = await ask(port, "admit")
     finally:
         await server.close()
-    assert 'SET VARIABLE PBX_SIP_CODE "503"' in commands
+    assert commands == ['SET VARIABLE PBX_R "PBX_DECISION,PBX_SIP_CODE|refuse,503"']
 
 
 async def test_an_unknown_script_gets_no_commands():
@@ -117,3 +118,23 @@ def test_values_cannot_carry_line_breaks(value):
 
 def test_quotes_and_backslashes_are_escaped():
     assert quote('say "hi" \\ bye') == '"say \\"hi\\" \\\\ bye"'
+
+
+async def test_values_the_dialplan_would_split_are_sent_one_by_one():
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {"PBX_DECISION": "refuse", "PBX_REASON": 'a,b|"c"'}
+
+    server, port = await serve(admit)
+    try:
+        commands, _ = await ask(port, "admit")
+    finally:
+        await server.close()
+    assert commands == ['SET VARIABLE PBX_DECISION "refuse"',
+                        'SET VARIABLE PBX_REASON "a,b|\\"c\\""', 'SET VARIABLE PBX_R "PBX_R|"']
+
+
+def test_pack_refuses_function_names_and_dialplan_syntax():
+    assert pack({"PBX_A": "1", "PBX_B": ""}) == "PBX_A,PBX_B|1,"
+    assert pack({"TIMEOUT(absolute)": "5"}) is None
+    assert pack({"PBX_A": "${SHELL(id)}"}) is None
+    assert pack({"PBX_A": "x)"}) is None
