@@ -155,6 +155,29 @@ def agent_child(timings: Path, cli_args: list[str]) -> None:
         finally:
             samples[f"serve_{script.get()}"].append(perf() - t0)
 
+    from controlplane.calls import lifecycle
+    from controlplane.store import calls as call_store
+
+    def timed(owner: Any, attr: str, key: str) -> None:
+        inner = getattr(owner, attr)
+
+        async def wrapper(*a: Any, **kw: Any) -> Any:
+            t0 = perf()
+            try:
+                return await inner(*a, **kw)
+            finally:
+                samples[key].append(perf() - t0)
+
+        setattr(owner, attr, wrapper)
+
+    import asyncpg.pool
+
+    timed(asyncpg.pool.Pool, "_acquire", "acquire")  # waiting for a pooled connection
+    timed(call_store, "admit", "admit_sql")
+    timed(call_store, "caller", "caller_sql")
+    timed(call_store, "settle_call", "settle_sql")
+    timed(lifecycle, "finish", "finish")
+
     run = node_control.CallControl.run
 
     async def run_with_lag(self: Any, stop: Any) -> None:
@@ -599,12 +622,9 @@ def bypass_dialplan(world: World) -> str:
     if len(agi) != 1:
         raise BenchError("pbx-call does not have exactly one admission AGI line")
     target = f"{world.tech_prefix}55{AREA}${{PBX_DIALLED}}@carrier-{world.carrier}"
-    body[agi[0]:agi[0] + 1] = [
-        " same => n,Set(PBX_DECISION=admit)",
-        " same => n,Set(PBX_CALL=)",
-        f" same => n,Set(PBX_TARGET={target})",
-        " same => n,Set(PBX_GRANT=60)",
-    ]
+    # what the admission would answer, in the form the next line splits
+    body[agi[0]] = (" same => n,Set(PBX_R=PBX_DECISION,PBX_CALL,PBX_TARGET,PBX_GRANT|"
+                    f"admit,,{target},60)")
     t = world.tenant
     return "\n".join([
         "; bench/admission.py: admission bypassed, for comparison. Not product configuration.",
@@ -971,6 +991,7 @@ class AgiRun:
     drained: bool = True
     leftover: str = ""
     achieved: float = 0.0
+    waits: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespace,
@@ -1023,6 +1044,19 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
         except (OSError, asyncio.IncompleteReadError, KeyError) as exc:
             run.errors[type(exc).__name__] += 1
 
+    sampling = asyncio.Event()
+
+    async def sample_waits() -> None:
+        """What PostgreSQL's sessions are doing: running, or waiting on what."""
+        while not sampling.is_set():
+            for row in await conn.fetch(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'running') AS w"
+                    " FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                    " AND state = 'active' AND pid <> pg_backend_pid()"):
+                run.waits[row["w"]] += 1
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample_waits())
     cpu0 = stack.cpu_sample()
     t0 = loop.time()
     try:
@@ -1041,6 +1075,8 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
         if tasks:
             await asyncio.wait(set(tasks), timeout=args.hold + 30)
     finally:
+        sampling.set()  # not cancelled: the connection must not be left mid-query
+        await sampler
         for task in tasks:
             task.cancel()
         cdr.close()
@@ -1354,6 +1390,11 @@ def build_report(r: Report) -> str:
             f"  admit, client: connect to close        {ms_row(g.admit)}",
             f"  admit, server: accept to close         {ms_row(t.get('serve_admit', []))}",
             f"  admit, decision (Admission.decide)     {ms_row(t.get('decide', []))}",
+            f"    caller query                         {ms_row(t.get('caller_sql', []))}",
+            f"    admit_call statement                 {ms_row(t.get('admit_sql', []))}",
+            f"  pool acquire (every use in the agent)  {ms_row(t.get('acquire', []))}",
+            f"  settlement of a CDR line (finish)      {ms_row(t.get('finish', []))}",
+            f"    settle_call statement                {ms_row(t.get('settle_sql', []))}",
             f"  answer, client: connect to close       {ms_row(g.answer)}",
             f"  answer, server: accept to close        {ms_row(t.get('serve_answer', []))}",
             f"  agent event-loop lag (10 ms ticks)     {ms_row(t.get('lag', []))}",
@@ -1362,6 +1403,9 @@ def build_report(r: Report) -> str:
             f"bench {g.cpu['bench']:.0f}, asterisk {g.cpu['asterisk']:.0f}, everything "
             f"else on the machine {g.cpu['other']:.0f}"
             + ("" if g.drained else f"; NOT drained: {g.leftover}"),
+            "  PostgreSQL sessions sampled every 20 ms (share of samples, active ones): "
+            + (", ".join(f"{k} {100 * v / max(1, sum(g.waits.values())):.0f}%"
+                         for k, v in g.waits.most_common(8)) or "none"),
         ]
         p99 = 1000 * pct(g.admit, .99)
         out += [f"  target (2) admit p99 <= {TARGET_P99_MS:g} ms at {g.rate:g}/s: "

@@ -85,8 +85,10 @@ def bill(call: asyncpg.Record | dict[str, Any], talk: float) -> tuple[int, Decim
                                                                             rate)
 
 
-def _cdr_values(node_id: int, call: asyncpg.Record | None, facts: asyncpg.Record | None,
-                line: CdrLine, talk: float, billed: int, price: Decimal) -> dict[str, Any]:
+def _cdr_values(node_id: int, call: asyncpg.Record | None, line: CdrLine, talk: float,
+                billed: int, price: Decimal) -> dict[str, Any]:
+    """The CDR's columns; settle_call adds the tenant's facts (external reference, and the
+    dealer chain unless the call's own is here)."""
     rate = rate_from_json(call["rate"]) if call is not None else None
     values: dict[str, Any] = {
         "node_id": node_id, "uniqueid": line.uniqueid, "sequence": line.sequence,
@@ -106,43 +108,34 @@ def _cdr_values(node_id: int, call: asyncpg.Record | None, facts: asyncpg.Record
                       call_class=call["call_class"], carrier_id=call["carrier_id"])
     if rate is not None:
         values.update(rate_prefix=rate.prefix, price_per_minute=rate.price_per_minute)
-    if facts is not None:
-        values["external_ref"] = facts["external_ref"]
-        values.setdefault("dealer_path", list(facts["dealer_path"]))
-        values["tenant_id"] = facts["id"]
-    values.setdefault("dealer_path", [])
-    values.setdefault("external_ref", "")
     return values
 
 
 # A call's grant moves only while it talks; its CDR is priced again at most this often.
 SETTLE_TRIES = 5
+_UNREAD: Any = object()
 
 
-async def finish(conn: asyncpg.Connection, node_id: int, line: CdrLine) -> bool:
+async def finish(conn: asyncpg.Connection, node_id: int, line: CdrLine,
+                 call: asyncpg.Record | None = _UNREAD) -> bool:
     """Store one node CDR line; if it ends a call in progress, settle that call. Not in a
     transaction: the settlement is one statement (migration 0007), so the shared counters
-    are locked only while it runs. Returns whether a CDR was stored (False: it already
-    was)."""
+    are locked only while it runs. `call`: the line's call as read just before (None: it
+    has none), read here when not given. Returns whether a CDR was stored (False: it
+    already was)."""
     talk = line.talk_seconds if line.answered_at is not None else 0.0
-    facts: asyncpg.Record | None = None
-    looked_up = False
     for _ in range(SETTLE_TRIES):
-        call = await store.get_call(conn, line.call_id) if line.call_id else None
+        if call is _UNREAD:
+            call = await store.get_call(conn, line.call_id) if line.call_id else None
         billed, price = bill(call, talk) if call is not None else (0, Decimal(0))
-        if not looked_up:
-            tenant = call["tenant_id"] if call is not None else line.tenant_id
-            if tenant is None and line.account_code:
-                tenant = await conn.fetchval(
-                    "SELECT tenant_id FROM extensions WHERE account_code = $1", line.account_code)
-            facts = await store.tenant_facts(conn, tenant) if tenant is not None else None
-            looked_up = True
         outcome, stored = await store.settle_call(
             conn, call["id"] if call is not None else None,
             call["granted_seconds"] if call is not None else None, price,
-            _cdr_values(node_id, call, facts, line, talk, billed, price))
+            _cdr_values(node_id, call, line, talk, billed, price),
+            account_code=line.account_code)
         if outcome != "stale":
             return stored
+        call = _UNREAD
     raise RuntimeError(f"call {line.call_id}: its grant kept moving while it was settled")
 
 
@@ -170,8 +163,21 @@ async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
         texts, new_offset = cdr_file.read_from(path, offset)
         if new_offset == offset:
             return 0
-        for line in _best_lines(list(cdr_file.records(texts))):
-            stored += await finish(conn, node_id, line)
+        # The settlements commit without waiting for their WAL to reach the disk (they
+        # hold the shared counters until they commit); saving the position does wait, and
+        # that flushes every settlement before it. A crash in between loses at most
+        # settlements whose lines are read again, and settled once (the CDR is unique).
+        lines = _best_lines(list(cdr_file.records(texts)))
+        calls = await store.calls_by_id(conn, [x.call_id for x in lines if x.call_id])
+        await conn.execute("SET synchronous_commit = off")
+        try:
+            for line in lines:
+                # a second line of a call finds it settled (or reads it again if not)
+                call = calls.pop(line.call_id, None) if line.call_id in calls else _UNREAD
+                stored += await finish(conn, node_id, line,
+                                       call if line.call_id else None)
+        finally:
+            await conn.execute("RESET synchronous_commit")
         await store.save_position(conn, node_id, ident, new_offset)
     return stored
 
@@ -204,9 +210,8 @@ async def _release(conn: asyncpg.Connection, call: asyncpg.Record) -> None:
                    disposition="LEASE EXPIRED", src=call["caller"], dst=call["callee"],
                    reason="", sip_code=None, tenant_id=call["tenant_id"], account_code="",
                    direction=call["direction"])
-    facts = await store.tenant_facts(conn, call["tenant_id"])
     await store.settle_call(conn, call["id"], call["granted_seconds"], price,
-                            _cdr_values(call["node_id"], call, facts, line, talk, billed, price),
+                            _cdr_values(call["node_id"], call, line, talk, billed, price),
                             lapsed_only=True)
     log.warning("call %s on node %s: lease lapsed, released", call["id"], call["node_id"])
 

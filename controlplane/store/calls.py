@@ -147,24 +147,25 @@ async def expired(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Re
                             " ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED", limit)
 
 
-SETTLE_SQL = "SELECT outcome, stored FROM settle_call($1, $2, $3, $4::jsonb, $5)"
+SETTLE_SQL = "SELECT outcome, stored FROM settle_call($1, $2, $3, $4::jsonb, $5, $6)"
 
 
 async def settle_call(conn: asyncpg.Connection, call_id: UUID | None, granted: int | None,
-                      price: Decimal, cdr: dict[str, Any] | None, *,
+                      price: Decimal, cdr: dict[str, Any] | None, *, account_code: str = "",
                       lapsed_only: bool = False) -> tuple[str, bool]:
     """Store a CDR and end its call in progress, in one statement (see migration 0007):
-    charge the price, give back the reservation and, last, the slots. Returns (outcome,
-    whether the CDR was new); outcome 'stale' means the call's grant moved since it was
-    priced, and nothing changed."""
-    row = await conn.fetchrow(SETTLE_SQL, call_id, granted, price, cdr, lapsed_only)
+    charge the price, give back the reservation and, last, the slots. The tenant's facts
+    (external reference, dealer chain) are filled in there. Returns (outcome, whether the
+    CDR was new); outcome 'stale' means the call's grant moved since it was priced, and
+    nothing changed."""
+    row = await conn.fetchrow(SETTLE_SQL, call_id, granted, price, cdr, account_code,
+                              lapsed_only)
     return str(row["outcome"]), bool(row["stored"])
 
 
-async def tenant_facts(conn: asyncpg.Connection, tenant_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        "SELECT t.id, t.external_ref, d.path AS dealer_path FROM tenants t"
-        " JOIN dealers d ON d.id = t.dealer_id WHERE t.id = $1", tenant_id)
+async def calls_by_id(conn: asyncpg.Connection, ids: list[UUID]) -> dict[UUID, asyncpg.Record]:
+    rows = await conn.fetch("SELECT * FROM calls WHERE id = ANY ($1::uuid[])", ids)
+    return {row["id"]: row for row in rows}
 
 
 async def import_position(conn: asyncpg.Connection, node_id: int) -> asyncpg.Record | None:

@@ -13,14 +13,21 @@
 -- outcome: 'settled' | 'no_call' (the CDR of a refused call, or of one already settled) |
 -- 'stale' | 'renewed'; stored: whether the CDR was new (a second import of the same node
 -- line, or a second line of the same call, stores nothing).
+--
+-- p_cdr: the CDR's columns; the tenant's facts are filled in here: its external reference
+-- and, unless given (the call's own), its dealer chain. A CDR without a tenant finds it from
+-- p_account_code (a call refused before its tenant was known).
 
 CREATE FUNCTION settle_call(p_call uuid, p_granted integer, p_price numeric, p_cdr jsonb,
-                            p_lapsed_only boolean DEFAULT false,
+                            p_account_code text DEFAULT '', p_lapsed_only boolean DEFAULT false,
                             OUT outcome text, OUT stored boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     c calls%ROWTYPE;
     new_balance numeric;
+    v_tenant bigint;
+    v_ref text;
+    v_path bigint[];
 BEGIN
     stored := false;
     IF p_call IS NOT NULL THEN
@@ -37,6 +44,19 @@ BEGIN
         END IF;
     END IF;
     IF p_cdr IS NOT NULL THEN
+        v_tenant := (p_cdr->>'tenant_id')::bigint;
+        IF v_tenant IS NULL AND p_account_code <> '' THEN
+            SELECT tenant_id INTO v_tenant FROM extensions WHERE account_code = p_account_code;
+        END IF;
+        IF v_tenant IS NOT NULL THEN
+            SELECT t.external_ref, d.path INTO v_ref, v_path
+              FROM tenants t JOIN dealers d ON d.id = t.dealer_id WHERE t.id = v_tenant;
+            p_cdr := p_cdr || jsonb_build_object('tenant_id', v_tenant,
+                                                 'external_ref', coalesce(v_ref, ''));
+            IF NOT p_cdr ? 'dealer_path' AND v_path IS NOT NULL THEN
+                p_cdr := p_cdr || jsonb_build_object('dealer_path', to_jsonb(v_path));
+            END IF;
+        END IF;
         INSERT INTO cdrs (node_id, uniqueid, sequence, call_id, direction, tenant_id,
                           extension_id, dealer_path, external_ref, caller, callee, call_class,
                           carrier_id, started_at, answered_at, ended_at, duration,
