@@ -55,19 +55,31 @@ class NoCredit(Exception):
     pass
 
 
+# The admission commits without waiting for its WAL to reach the disk, and so gives its
+# counters' locks back at once: every admission of the same dealers waits for them, and
+# waiting for the flush with them held made admissions queue one flush after another. The
+# decision is made durable before anyone hears of it by the next statement, a transaction
+# of its own that commits synchronously: the WAL is flushed in order, so past the
+# admission too, and many sessions' flushes share one write (group commit), none of them
+# holding a counter. (The set_config in FROM runs first and lasts to this statement's
+# commit.)
 ADMIT_SQL = ("SELECT admit_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-             " $15, $16, $17, $18)")
+             " $15, $16, $17, $18)"
+             " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit")
+DURABLE_SQL = "SELECT pg_current_xact_id()"
 
 
 async def admit(conn: asyncpg.Connection, v: dict[str, Any], lease: float) -> int | None:
     """Record the call, reserve its credit and take its slots, in one statement (see
     migration 0006). Returns the seconds granted (None: not limited)."""
     try:
-        return await conn.fetchval(
+        grant = await conn.fetchval(
             ADMIT_SQL, v["id"], v["node_id"], v["channel"], v["channel_name"], v["direction"],
             v["extension_id"], v["tenant_id"], v["dealer_path"], v["caller"], v["callee"],
             v["call_class"], v["carrier_id"], v["rate"], v["account_extension"], v["floor"],
             v["seconds"], v["amounts"], lease)
+        await conn.execute(DURABLE_SQL)
+        return grant
     except asyncpg.PostgresError as exc:
         state = getattr(exc, "sqlstate", None)
         if state == "PX001":

@@ -213,3 +213,15 @@ async def test_a_lapsed_lease_is_released_once(api: Api, db: asyncpg.Pool):
         # the node's own CDR arriving later changes nothing
         assert await lifecycle.finish(conn, node_id, cdr_line(decision, req, 30.0)) is False
         assert await conn.fetchval("SELECT balance FROM credit_accounts") == Decimal("10.0000")
+
+
+async def test_admission_leaves_the_session_committing_synchronously(api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    async with db.acquire() as conn:
+        admission = Admission(db)
+        decision = await admission._decide(conn, request(node_id, exts[0], 1))
+        assert decision.admitted
+        # the admission's own commit did not wait for the disk; nothing after it may skip that
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        assert await conn.fetchval("SELECT count(*) FROM calls WHERE id = $1",
+                                   decision.call_id) == 1
