@@ -47,9 +47,8 @@ What it does, end to end, cleaning up whatever it started even on failure:
   7. A table with PASS/MISS per target, printed and written to bench/results/admission.txt
      (git-ignored); the agent's log to bench/results/admission_agent.log.
 
---agent-events and --async-settle are what-ifs, not the product: they change the
-instrumented agent (its AMI session's event classes; settlements committed
-asynchronously) to measure what a change there would give; the report says so.
+--agent-events is a what-if, not the product: it changes the event classes the instrumented
+agent's AMI session asks for, to measure what they cost; the report says so.
 
 Exit status: 0 when the run completed (whether or not the targets are met), 1 when the run
 itself failed, 2 on bad arguments. Needs root (the sandbox) and SIPp (Debian sip-tester).
@@ -204,19 +203,6 @@ def agent_child(timings: Path, cli_args: list[str]) -> None:
             manager_init(self, on_lost, **config)
 
         ami._Manager.__init__ = init  # type: ignore[method-assign]
-    if os.environ.get("BENCH_ASYNC_SETTLE"):  # what-if: settlements commit asynchronously
-        from controlplane.calls import lifecycle
-
-        finish = lifecycle.finish
-
-        async def async_finish(conn: Any, node_id: int, line: Any) -> bool:
-            await conn.execute("SET synchronous_commit = off")
-            try:
-                return bool(await finish(conn, node_id, line))
-            finally:
-                await conn.execute("RESET synchronous_commit")
-
-        lifecycle.finish = async_finish  # type: ignore[assignment]
 
     admission.Admission.decide = timed_decide  # type: ignore[method-assign]
     fastagi.FastAgiServer._answer = named_answer  # type: ignore[method-assign]
@@ -446,8 +432,6 @@ def start_agent(stack: Stack, dsn: str, agi_port: int, *, instrumented: bool) ->
                str(stack.timings), *args]
         if stack.what_if.get("events"):
             env["BENCH_AGENT_EVENTS"] = stack.what_if["events"]
-        if stack.what_if.get("async_settle"):
-            env["BENCH_ASYNC_SETTLE"] = "1"
     else:
         cmd = pbxctl("agent", *args)
     with stack.agent_log.open("ab") as out:
@@ -1281,11 +1265,11 @@ def build_report(r: Report) -> str:
         f" tenant {a.caps[2]}, extension {a.caps[3]}; prepaid credit {a.credit} each), rate "
         f"table of {r.world.rates} prefixes; calls of {a.hold:g} s",
     ]
-    if a.agent_events or a.async_settle:
+    if a.agent_events:
         out.append("  WHAT-IF, not the product as it is: the agent's AMI session "
                    + (f"logs in with Events: {a.agent_events}" if a.agent_events else
                       "is unchanged")
-                   + ("; settlements commit asynchronously" if a.async_settle else ""))
+                   )
     out.append("")
     if r.runs:
         out += [
@@ -1647,10 +1631,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--agent-events", default="",
                    help="what-if, not the product: the agent's AMI session logs in with "
-                        "Events: MASK (e.g. system) instead of on")
-    p.add_argument("--async-settle", action="store_true",
-                   help="what-if, not the product: the agent settles CDR lines with "
-                        "synchronous_commit off")
+                        "Events: MASK (e.g. on) instead of the product's classes")
     args = p.parse_args(argv)
     args.only = {s.strip() for s in args.only.split(",") if s.strip()}
     if not args.only <= {"calls", "agi", "memory"}:
@@ -1678,8 +1659,6 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(Path(tempfile.mkdtemp(prefix="pbx-bench-adm-")), keep=args.keep)
     if args.agent_events:
         stack.what_if["events"] = args.agent_events
-    if args.async_settle:
-        stack.what_if["async_settle"] = "yes"
     code = 1
     try:
         code = asyncio.run(main_async(args, stack))
