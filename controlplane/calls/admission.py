@@ -210,7 +210,7 @@ class Admission:
         options: list[tuple[int, Decimal]] = []
         account_extension, floor = _floor(party)
         if rate is not None and not credit.is_free(rate):
-            options = credit.grant_options(rate, 0, Decimal(0), self.ahead)
+            options = list(credit.first_grant_options(rate, self.ahead))
         try:
             grant = await store.admit(conn, {
                 "id": call_id, "node_id": req.node_id, "channel": req.channel,

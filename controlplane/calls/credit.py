@@ -8,6 +8,7 @@ at most the granted time) never exceeds what was held.
 
 from __future__ import annotations
 
+import functools
 import math
 from decimal import Decimal
 from fractions import Fraction
@@ -44,6 +45,14 @@ def grant_options(rate: Rate, granted: int, reserved: Decimal,
         blocks = max(1, math.ceil(ahead / rate.next_increment))
         totals = [granted + m * rate.next_increment for m in range(blocks, 0, -1)]
     return [(total, max(Decimal(0), cost_up(total, rate) - reserved)) for total in totals]
+
+
+@functools.lru_cache(maxsize=4096)
+def first_grant_options(rate: Rate, ahead: int = AHEAD_SECONDS) -> tuple[tuple[int, Decimal], ...]:
+    """`grant_options` of a call not yet granted anything: the same for every call at one
+    rate, so computed once per rate (exact fractions cost more than the rest of a
+    decision's Python)."""
+    return tuple(grant_options(rate, 0, Decimal(0), ahead))
 
 
 def best_grant(options: list[tuple[int, Decimal]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from controlplane.calls import credit
 from controlplane.calls.credit import best_grant, cost_up, grant_options
 from controlplane.rating.tariff import Rate, price
 
@@ -33,3 +34,14 @@ def test_what_is_reserved_always_covers_the_final_price():
     for seconds in range(30, 600, 6):
         assert cost_up(seconds, odd) >= price(seconds, odd)
         assert cost_up(seconds, odd) - price(seconds, odd) <= Decimal("0.0001")
+
+
+def test_first_grant_options_are_computed_once_per_rate_and_equal_the_general_ones():
+    rate = Rate(prefix="55", price_per_minute=Decimal("0.37"), connection_fee=Decimal("0.05"),
+                first_increment=30, next_increment=6)
+    first = credit.first_grant_options(rate, 60)
+    assert list(first) == credit.grant_options(rate, 0, Decimal(0), 60)
+    assert credit.first_grant_options(rate, 60) is first
+    other = Rate(prefix="55", price_per_minute=Decimal("0.38"), connection_fee=Decimal("0.05"),
+                 first_increment=30, next_increment=6)
+    assert credit.first_grant_options(other, 60) != first
