@@ -109,7 +109,7 @@ def call_control_config(settings: Settings, **overrides: Any) -> Any:
 
 
 async def _agent(settings: Settings, node_name: str, tenant_dir: str | None,
-                 interface: str | None) -> None:
+                 interface: str | None, role: str = "all") -> None:
     from pathlib import Path
 
     from controlplane.db.pool import resolve_dsn
@@ -124,7 +124,8 @@ async def _agent(settings: Settings, node_name: str, tenant_dir: str | None,
     folder = Path(tenant_dir) if tenant_dir else settings.data_dir / "nodes" / node_name / "etc" \
         / "tenants"
     agent = NodeAgent(pool, record, folder, dsn=settings.dsn or resolve_dsn(settings),
-                      manage_interface=interface, calls=call_control_config(settings))
+                      manage_interface=interface, calls=call_control_config(settings),
+                      role=role)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -197,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     agent.add_argument("--node", required=True, help="node name, as created in /api/v1/nodes")
     agent.add_argument("--tenant-dir", help="where the node reads generated tenant files")
     agent.add_argument("--interface", help="add registration addresses to this interface")
+    agent.add_argument("--role", choices=("all", "nodes", "calls"), default="all",
+                       help="all (default); or nodes (provisioning, registrations) and calls "
+                            "(admission, grants, leases, CDRs), to run call control in a "
+                            "process of its own beside a nodes agent")
     render = sub.add_parser("render", help="show what a tenant looks like on its node")
     render.add_argument("--tenant", type=int, required=True)
     sb = sub.add_parser("sandbox", help="Docker-less Asterisk nodes for development")
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "up":
         asyncio.run(_serve(settings, True, sandbox=True))
     elif args.command == "agent":
-        asyncio.run(_agent(settings, args.node, args.tenant_dir, args.interface))
+        asyncio.run(_agent(settings, args.node, args.tenant_dir, args.interface, args.role))
     elif args.command == "render":
         asyncio.run(_render(settings, args.tenant))
     elif args.command == "sandbox":

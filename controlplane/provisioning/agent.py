@@ -74,11 +74,21 @@ class Pending:
         return taken
 
 
+# What one agent process does for its node: everything, or one half, so that call control
+# (FastAGI decisions, grants, leases, CDR import) runs in a process of its own and never
+# waits for provisioning's work (a full reconcile of a big node keeps a process busy for
+# minutes). Run one "nodes" and one "calls" agent per node for that.
+ROLES = ("all", "nodes", "calls")
+
+
 class NodeAgent:
     def __init__(self, pool: asyncpg.Pool, node: NodeRecord, tenant_dir: Path, *,
                  dsn: str, debounce: float = 0.25, concurrency: int = 16,
                  manage_interface: str | None = None, timeout: float = 5.0,
-                 calls: CallControlConfig | None = None) -> None:
+                 calls: CallControlConfig | None = None, role: str = "all") -> None:
+        if role not in ROLES:
+            raise ValueError(f"an agent's role is one of {', '.join(ROLES)}, not {role!r}")
+        self.role = role
         self.pool, self.node, self.dsn = pool, node, dsn
         self.tenant_dir = tenant_dir
         self.debounce, self.concurrency, self.timeout = debounce, concurrency, timeout
@@ -103,12 +113,15 @@ class NodeAgent:
 
     # -- life ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self.ami.on_login(self._after_login)
-        self.registrations.attach()
+        jobs = [self.ami.run(stop)]
+        if self.role != "calls":
+            self.ami.on_login(self._after_login)
+            self.registrations.attach()
+            jobs += [self._listen(stop), self._work(stop), self._flush_dialplan(stop)]
+        if self.role != "nodes":
+            jobs.append(self.calls.run(stop))
         async with self.ari:
-            tasks = [asyncio.create_task(c) for c in (
-                self.ami.run(stop), self._listen(stop), self._work(stop),
-                self._flush_dialplan(stop), self.calls.run(stop))]
+            tasks = [asyncio.create_task(c) for c in jobs]
             await stop.wait()
             self.wake.set()
             self.dialplan_dirty.set()

@@ -68,11 +68,11 @@ class Calls:
     def __init__(self, api, db, settings, nodes: list[SandboxNode], node_ids: list[int]):
         self.api, self.db, self.settings = api, db, settings
         self.nodes, self.node_ids = nodes, node_ids
-        self.agents: dict[int, tuple[NodeAgent, asyncio.Event, asyncio.Task]] = {}
+        self.agents: dict[Any, tuple[NodeAgent, asyncio.Event, asyncio.Task]] = {}
         self.lease = 30.0
         self.ahead = 60
 
-    async def start_agent(self, i: int) -> NodeAgent:
+    async def start_agent(self, i: int, role: str = "all") -> NodeAgent:
         node = self.nodes[i]
         async with self.db.acquire() as conn:
             record = await load_node(conn, node.name)
@@ -80,20 +80,21 @@ class Calls:
                                    lease=self.lease, lease_every=0.5, cdr_every=0.1,
                                    ahead=self.ahead)
         agent = NodeAgent(self.db, record, node.tenant_config_dir, dsn=self.settings.dsn,
-                          manage_interface="lo", debounce=0.1, calls=config)
+                          manage_interface="lo", debounce=0.1, calls=config, role=role)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
-        self.agents[i] = (agent, stop, task)
+        self.agents[i if role == "all" else (i, role)] = (agent, stop, task)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while agent.reconciles < 1 or not agent.calls.agi_url:
+        while (role != "calls" and agent.reconciles < 1) or \
+                (role != "nodes" and not agent.calls.agi_url):
             if task.done():
                 task.result()
             assert loop.time() < deadline, "the agent did not start"
             await asyncio.sleep(0.05)
         return agent
 
-    async def stop_agent(self, i: int) -> None:
+    async def stop_agent(self, i: Any) -> None:
         agent, stop, task = self.agents.pop(i)
         stop.set()
         await asyncio.wait_for(task, 15)
@@ -101,7 +102,8 @@ class Calls:
     async def settle(self) -> None:
         """Every agent has applied what the API changed."""
         for agent, _, _ in self.agents.values():
-            await agent.wait_idle(15)
+            if agent.role != "calls":
+                await agent.wait_idle(15)
 
     async def customer(self, *, dealer_calls: int | None = None) -> dict[str, Any]:
         """A distributor on node A with two resellers, one per node, each with a tenant whose
@@ -507,3 +509,33 @@ async def test_a_lapsed_lease_releases_the_call_and_the_late_cdr_changes_nothing
 
 async def _imported(conn: Any) -> bool:
     return bool(await conn.fetchval("SELECT offset_ > 0 FROM cdr_import_state"))
+
+
+async def test_call_control_in_a_process_of_its_own_beside_a_nodes_agent(calls):
+    """`pbxctl agent --role nodes` and `--role calls` side by side drive a node as one
+    agent does: the extension is provisioned by the one, the call admitted, cut to its
+    grant and settled by the other."""
+    await calls.stop_agent(0)
+    nodes_agent = await calls.start_agent(0, "nodes")
+    calls_agent = await calls.start_agent(0, "calls")
+    assert not nodes_agent.calls.agi_url and calls_agent.reconciles == 0
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "2001", plan_id=world["plan"]["id"])
+    await calls.settle()
+    carrier = carrier_uas(1, 20)
+    result = await place(phone, "33334444", hold_ms=1500)
+    assert result.ok, result.output
+    assert (await carrier).ok, carrier.result().output
+
+    async def billed() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(billed, "the call's CDR")
+    [cdr] = await calls.cdrs(extension_id=ext["id"])
+    assert cdr["disposition"] == "ANSWERED" and cdr["billed_seconds"] == 6
+    assert Decimal(cdr["price"]) == Decimal("0.0600")
+    assert calls_agent.calls.decisions == 1 and nodes_agent.calls.decisions == 0
+    assert all(active == 0 for active in (await calls.counters()).values())
+    assert await calls.live() == []
