@@ -229,6 +229,7 @@ class Stack:
     postmaster: int | None = None
     api: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
+    calls_agent: subprocess.Popen[bytes] | None = None   # (3): `--role calls` beside `nodes`
     node: Any = None
     sipps: set[asyncio.subprocess.Process] = field(default_factory=set)
     keep: bool = False
@@ -280,16 +281,17 @@ class Stack:
         self.sipps.clear()
 
     def stop_agent(self) -> None:
-        proc, self.agent = self.agent, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            log("the agent did not stop within 20s: killing it")
-            proc.kill()
-            proc.wait(timeout=10)
+        for proc in (self.agent, self.calls_agent):
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                log("the agent did not stop within 20s: killing it")
+                proc.kill()
+                proc.wait(timeout=10)
+        self.agent = self.calls_agent = None
 
     def close(self) -> None:
         if self.closed:
@@ -423,8 +425,12 @@ def agent_env(stack: Stack, dsn: str, agi_port: int) -> dict[str, str]:
                        PBX_AGI_PORT=str(agi_port), PBX_CDR_FILE=str(stack.node.cdr_file))
 
 
-def start_agent(stack: Stack, dsn: str, agi_port: int, *, instrumented: bool) -> None:
+def start_agent(stack: Stack, dsn: str, agi_port: int, *, instrumented: bool,
+                role: str = "all") -> None:
+    """The node's agent; role "calls" starts the call-control agent beside the one running."""
     args = ["--node", NODE_NAME, "--tenant-dir", str(stack.node.tenant_config_dir)]
+    if role != "all":
+        args += ["--role", role]
     env = agent_env(stack, dsn, agi_port)
     if instrumented:
         stack.timings.unlink(missing_ok=True)
@@ -435,9 +441,12 @@ def start_agent(stack: Stack, dsn: str, agi_port: int, *, instrumented: bool) ->
     else:
         cmd = pbxctl("agent", *args)
     with stack.agent_log.open("ab") as out:
-        stack.agent = subprocess.Popen(cmd, env=env, cwd=ROOT,
-                                       stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    if role == "calls":
+        stack.calls_agent = proc
+    else:
+        stack.agent = proc
 
 
 def check_agent(stack: Stack) -> None:
@@ -1117,6 +1126,7 @@ class Memory:
     full_push: float | None = None
     agent_full: tuple[float, float] = (math.nan, math.nan)
     admissions: AgiRun | None = None
+    split_admissions: AgiRun | None = None   # the same, answered by a `--role calls` agent
     agent_after_admissions: tuple[float, float] = (math.nan, math.nan)
     asterisk: tuple[float, float] = (math.nan, math.nan)
 
@@ -1219,6 +1229,19 @@ async def memory_phase(stack: Stack, conn: Any, api: Api, world: World, dsn: str
             instrumented=False)
         log("  " + describe_agi(mem.admissions))
     mem.agent_after_admissions = rss(stack.agent.pid if stack.agent else None)
+    if args.memory_admissions and pairs:
+        log("memory: the same admissions answered by `pbxctl agent --role calls`, beside a "
+            "`--role nodes` agent reconciling the node")
+        stack.stop_agent()
+        start_agent(stack, dsn, agi_port, instrumented=False, role="nodes")
+        start_agent(stack, dsn, agi_port, instrumented=False, role="calls")
+        await asyncio.sleep(args.memory_window / 4)  # the nodes agent is well into its push
+        check_agent(stack)
+        mem.split_admissions = await agi_run(
+            stack, conn, world, args, agi_port, "split agents, over the seeded extensions",
+            args.agi_rates[-1], args.memory_admissions / args.agi_rates[-1], pairs,
+            instrumented=False)
+        log("  " + describe_agi(mem.split_admissions))
     mem.asterisk = rss(stack.node.pid)
     return mem
 
@@ -1423,6 +1446,10 @@ def build_report(r: Report) -> str:
             out.append(f"  pbxctl agent after {m.admissions.sent:,} admissions over them"
                        f"             {mib(m.agent_after_admissions)}")
             out.append("    " + describe_agi(m.admissions))
+        if m.split_admissions is not None:
+            out.append("  the same, answered by `pbxctl agent --role calls` beside a "
+                       "`--role nodes` agent reconciling the node:")
+            out.append("    " + describe_agi(m.split_admissions))
         out.append(f"  Asterisk (node, {len(r.world.callers)} + pushed extensions)"
                    f"                   {mib(m.asterisk)}")
         if m.agent_samples:
