@@ -94,6 +94,7 @@ from bench.common import (  # noqa: E402
     host_cpu,
     log,
     pct,
+    stop_process,
     tree_cpu,
     tree_used,
 )
@@ -282,15 +283,7 @@ class Stack:
 
     def stop_agent(self) -> None:
         for proc in (self.agent, self.calls_agent):
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                log("the agent did not stop within 20s: killing it")
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_process(proc)
         self.agent = self.calls_agent = None
 
     def close(self) -> None:

@@ -1,12 +1,15 @@
 """What the benchmarks share and that knows nothing of the service: logging, the run-failed
-error, percentiles, CPU accounting from /proc, free ports and py-spy summaries."""
+error, percentiles, CPU accounting from /proc, free ports, stopping a child process and
+py-spy summaries."""
 
 from __future__ import annotations
 
 import collections
 import math
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,3 +128,16 @@ def summarize_profile(raw: Path, top: int = 25, note: str = "") -> list[str]:
     out.append("self:")
     out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
     return out
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, what: str = "the agent") -> None:
+    """SIGTERM, then SIGKILL after 20 s; nothing when it is not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        log(f"{what} did not stop within 20s: killing it")
+        proc.kill()
+        proc.wait(timeout=10)

@@ -100,6 +100,7 @@ from bench.common import (  # noqa: E402
     host_cpu,
     log,
     pct,
+    stop_process,
     summarize_profile,
     tree_cpu,
     tree_used,
@@ -204,15 +205,7 @@ class Stack:
 
     def stop_agent(self) -> None:
         proc, self.agent = self.agent, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            log("the agent did not stop within 20s: killing it")
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
     def close(self) -> None:
         if self.closed:

@@ -139,6 +139,25 @@ class Calls:
             "node_id": self.node_ids[node_index], "name": f"carrier-{node_index}",
             "host": CARRIER, "port": port}), 201)
 
+    async def outbound_caller(self) -> tuple[dict, dict, dict, Phone]:
+        """(world, tenant, extension, phone): extension 2001 on node A, priced by the plan,
+        with a carrier on its node, provisioned."""
+        world = await self.customer()
+        tenant, registrar = world["tenants"][0]
+        await self.carrier(0)
+        ext, phone = await self.phone(tenant, registrar, "2001", plan_id=world["plan"]["id"])
+        await self.settle()
+        return world, tenant, ext, phone
+
+    async def cdr_of(self, ext: dict) -> dict:
+        """The one CDR of the extension, once imported."""
+        async def billed() -> bool:
+            return bool(await self.cdrs(extension_id=ext["id"]))
+
+        await until(billed, "the CDR")
+        [cdr] = await self.cdrs(extension_id=ext["id"])
+        return cdr
+
     async def cdrs(self, **query: Any) -> list[dict]:
         q = "&".join(f"{k}={v}" for k, v in query.items())
         return self.api.ok(await self.api.get(f"/api/v1/cdrs?limit=500&{q}"))["items"]
@@ -190,11 +209,7 @@ async def place(phone: Phone, number: str, *, hold_ms: int = 1000,
 
 
 async def test_outbound_call_goes_to_the_carrier_and_leaves_one_rated_cdr(calls):
-    world = await calls.customer()
-    tenant, registrar = world["tenants"][0]
-    await calls.carrier(0)
-    ext, phone = await calls.phone(tenant, registrar, "2001", plan_id=world["plan"]["id"])
-    await calls.settle()
+    world, tenant, ext, phone = await calls.outbound_caller()
     carrier = carrier_uas(1, 20)
     call = asyncio.create_task(place(phone, "33334444", hold_ms=2000))
 
@@ -207,12 +222,7 @@ async def test_outbound_call_goes_to_the_carrier_and_leaves_one_rated_cdr(calls)
     assert item["call_class"] == "local" and item["granted_seconds"] == 60
     assert (await call).ok, call.result().output
     assert (await carrier).ok, carrier.result().output
-
-    async def billed() -> bool:
-        return bool(await calls.cdrs(extension_id=ext["id"]))
-
-    await until(billed, "the CDR")
-    [cdr] = await calls.cdrs(extension_id=ext["id"])
+    cdr = await calls.cdr_of(ext)
     assert cdr["disposition"] == "ANSWERED" and cdr["call_class"] == "local"
     assert cdr["rate_prefix"] == "5511" and cdr["billed_seconds"] == 6
     assert 1.5 < float(cdr["talk_seconds"]) < 3.5
@@ -519,21 +529,12 @@ async def test_call_control_in_a_process_of_its_own_beside_a_nodes_agent(calls):
     nodes_agent = await calls.start_agent(0, "nodes")
     calls_agent = await calls.start_agent(0, "calls")
     assert not nodes_agent.calls.agi_url and calls_agent.reconciles == 0
-    world = await calls.customer()
-    tenant, registrar = world["tenants"][0]
-    await calls.carrier(0)
-    ext, phone = await calls.phone(tenant, registrar, "2001", plan_id=world["plan"]["id"])
-    await calls.settle()
+    _, _, ext, phone = await calls.outbound_caller()
     carrier = carrier_uas(1, 20)
     result = await place(phone, "33334444", hold_ms=1500)
     assert result.ok, result.output
     assert (await carrier).ok, carrier.result().output
-
-    async def billed() -> bool:
-        return bool(await calls.cdrs(extension_id=ext["id"]))
-
-    await until(billed, "the call's CDR")
-    [cdr] = await calls.cdrs(extension_id=ext["id"])
+    cdr = await calls.cdr_of(ext)
     assert cdr["disposition"] == "ANSWERED" and cdr["billed_seconds"] == 6
     assert Decimal(cdr["price"]) == Decimal("0.0600")
     assert calls_agent.calls.decisions == 1 and nodes_agent.calls.decisions == 0
