@@ -114,6 +114,7 @@ CALLER_CODE = 700_001
 SEED_CODE = 100_000
 SEED_TENANTS = 20
 SEED_BATCH = 500
+NODES_AGENT_NICE = 10  # (3): the `--role nodes` agent's niceness beside the `calls` one
 MAX_FAILED_SHARE = 0.01   # a path stops climbing above this share of failed calls
 CPU_ROLES = ("agent", "asterisk", "pg", "api", "uac", "uas", "bench")
 
@@ -433,6 +434,8 @@ def start_agent(stack: Stack, dsn: str, agi_port: int, *, instrumented: bool,
             env["BENCH_AGENT_EVENTS"] = stack.what_if["events"]
     else:
         cmd = pbxctl("agent", *args)
+    if role == "nodes":  # provisioning yields the CPU to call control
+        cmd = ["nice", "-n", str(NODES_AGENT_NICE), *cmd]
     with stack.agent_log.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -1441,7 +1444,7 @@ def build_report(r: Report) -> str:
             out.append("    " + describe_agi(m.admissions))
         if m.split_admissions is not None:
             out.append("  the same, answered by `pbxctl agent --role calls` beside a "
-                       "`--role nodes` agent reconciling the node:")
+                       f"`--role nodes` agent (nice {NODES_AGENT_NICE}) reconciling the node:")
             out.append("    " + describe_agi(m.split_admissions))
         out.append(f"  Asterisk (node, {len(r.world.callers)} + pushed extensions)"
                    f"                   {mib(m.asterisk)}")
