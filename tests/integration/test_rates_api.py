@@ -277,6 +277,7 @@ async def test_lookup_stays_on_the_index_with_100000_rates(api, db):
         plan = "\n".join(r[0] for r in await conn.fetch(
             f"EXPLAIN (ANALYZE, BUFFERS) {FIND_SQL}", t["id"],
             prefixes_of("+5510000000004321"), "mobile_vc1"))
-        assert "on rates_prefix_key" in plan and "Seq Scan" not in plan, plan
+        # an index scan or a bitmap index scan, as statistics make the planner choose
+        assert "rates_prefix_key" in plan and "Seq Scan" not in plan, plan
         assert Decimal((await find_rate(conn, t["id"], "+5510000000")).price_per_minute) \
             == Decimal("0.10")
