@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +57,17 @@ if str(ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 
+from bench.common import (  # noqa: E402
+    BenchError,
+    children_of,
+    cpu_seconds,
+    free_port,
+    host_cpu,
+    log,
+    stop_process,
+    summarize_profile,
+)
+
 BENCH = ROOT / "bench"
 LUA = BENCH / "api_load.lua"
 RESULTS = BENCH / "results"
@@ -66,15 +75,6 @@ TARGET_RPS = 1000.0
 TARGET_P99_MS = 50.0
 PASSWORD = "correct-horse-battery"
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(RuntimeError):
-    """The run itself failed (as opposed to a missed target)."""
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- wrk -------------------------------------------------------------------------------------
@@ -101,51 +101,6 @@ def ensure_wrk() -> str:
 def wrk_version(wrk: str) -> str:
     out = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
     return (out.stdout or out.stderr).splitlines()[0].strip()
-
-
-# -- CPU accounting from /proc ----------------------------------------------------------------
-def _stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2:].split()  # fields from `state` on
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of all threads of `pid`: the scheduler's exact run time (schedstat, ns),
-    falling back to utime + stime (tick-sampled, coarse on VMs)."""
-    total, found = 0, False
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-                found = True
-            except (OSError, ValueError, IndexError):
-                continue
-    except OSError:
-        return 0.0
-    if found:
-        return total / 1e9
-    f = _stat(pid)
-    return 0.0 if f is None else (int(f[11]) + int(f[12])) / CLK_TCK  # utime, stime
-
-
-def children_of(ppid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            f = _stat(int(entry))
-            if f is not None and int(f[1]) == ppid:
-                out.append(int(entry))
-    return out
-
-
-def host_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    idle = values[3] + values[4]
-    return float(sum(values) - idle), float(sum(values))
 
 
 @dataclass
@@ -278,12 +233,6 @@ async def run_wrk(ctx: Context, scn: Scenario, conc: int, duration: float,
 
 
 # -- PostgreSQL and the service ---------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def pbxctl_command() -> list[str]:
     script = Path(sys.executable).parent / "pbxctl"
     if script.exists():
@@ -302,13 +251,7 @@ class Stack:
     http: aiohttp.ClientSession | None = None
 
     def close(self) -> None:
-        if self.service is not None and self.service.poll() is None:
-            self.service.send_signal(signal.SIGTERM)
-            try:
-                self.service.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.service.kill()
-                self.service.wait(timeout=10)
+        stop_process(self.service, "the service")
         if self.pg is not None:
             try:
                 self.pg.stop()
@@ -610,31 +553,6 @@ def profile_service(pid: int, duration: float, dest: Path) -> subprocess.Popen[b
                              str(max(1, int(duration))), "--rate", "250", "--nonblocking",
                              "--format", "raw", "--output", str(dest)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def summarize_profile(raw: Path, top: int = 25) -> list[str]:
-    """Top frames by inclusive and self share from py-spy's collapsed stacks."""
-    incl: collections.Counter[str] = collections.Counter()
-    own: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        total += n
-        frames = [f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1] if " (" in f else f
-                  for f in stack.split(";")]
-        for f in set(frames):
-            incl[f] += n
-        own[frames[-1]] += n
-    if not total:
-        return ["(no samples)"]
-    out = [f"{total} samples", "inclusive:"]
-    out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in incl.most_common(top)]
-    out.append("self:")
-    out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
-    return out
 
 
 # -- report -----------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ from bench.common import (  # noqa: E402
     tree_cpu,
     tree_used,
 )
+from bench.services import pbxctl, service_env, start_api, start_postgres  # noqa: E402
 from controlplane.asterisk.ami import AmiSession, AmiUnavailable  # noqa: E402
 from controlplane.provisioning.desired import NodeRecord  # noqa: E402
 
@@ -231,13 +232,7 @@ class Stack:
                 shutil.copyfile(self.agent_log, RESULTS / "provisioning_agent.log")
             except OSError:
                 pass
-        if self.api is not None and self.api.poll() is None:
-            self.api.send_signal(signal.SIGTERM)
-            try:
-                self.api.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.api.kill()
-                self.api.wait(timeout=10)
+        stop_process(self.api, "the API")
         if self.node is not None:
             try:
                 pid = self.node.pid
@@ -262,62 +257,6 @@ class Stack:
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
-def pbxctl(*args: str) -> list[str]:
-    script = Path(sys.executable).parent / "pbxctl"
-    if script.exists():
-        return [str(script), *args]
-    return [sys.executable, "-m", "controlplane.cli", *args]
-
-
-def service_env(stack: Stack, dsn: str, **extra: str) -> dict[str, str]:
-    return {**os.environ, "PBX_DSN": dsn, "PBX_DATA_DIR": str(stack.workdir / "data"),
-            **extra}
-
-
-async def start_postgres(stack: Stack) -> str:
-    from controlplane.db.embedded import EmbeddedPostgres
-
-    stack.pg = EmbeddedPostgres(stack.workdir / "pg")
-    log("starting embedded PostgreSQL")
-    loop = asyncio.get_running_loop()
-    try:
-        dsn = await asyncio.wait_for(loop.run_in_executor(None, stack.pg.start), timeout=180)
-    except TimeoutError:
-        raise BenchError("embedded PostgreSQL did not start within 180s") from None
-    pid_file = stack.pg.pgdata / "postmaster.pid"
-    stack.postmaster = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-    return str(dsn)
-
-
-def spawn_api(stack: Stack, dsn: str, port: int) -> None:
-    # The 50,000 run takes hours (the seed INSERT alone can take most of one): long tokens.
-    env = service_env(stack, dsn, PBX_HTTP_HOST="127.0.0.1", PBX_HTTP_PORT=str(port),
-                      PBX_LOG_LEVEL="WARNING", PBX_ACCESS_TOKEN_TTL="86400")
-    with stack.api_log.open("wb") as out:
-        stack.api = subprocess.Popen(pbxctl("serve"), env=env, cwd=ROOT, stdout=out,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-async def start_api(stack: Stack, dsn: str, port: int) -> str:
-    spawn_api(stack, dsn, port)
-    assert stack.api is not None
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while time.monotonic() < deadline:
-            if stack.api.poll() is not None:
-                raise BenchError(f"the API exited ({stack.api.returncode}):\n"
-                                 + stack.tail(stack.api_log))
-            try:
-                async with http.get(base + "/readyz") as r:
-                    if r.status == 200:
-                        return base
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.2)
-    raise BenchError("the API was not ready within 60s:\n" + stack.tail(stack.api_log))
 
 
 def start_agent(stack: Stack, dsn: str, tenant_dir: Path) -> float:
