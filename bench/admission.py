@@ -98,7 +98,13 @@ from bench.common import (  # noqa: E402
     tree_cpu,
     tree_used,
 )
-from bench.services import pbxctl, service_env, start_api, start_postgres  # noqa: E402
+from bench.services import (  # noqa: E402
+    pbxctl,
+    service_env,
+    start_api,
+    start_postgres,
+    stop_services,
+)
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -308,25 +314,7 @@ class Stack:
                 shutil.copyfile(self.agent_log, RESULTS / "admission_agent.log")
             except OSError:
                 pass
-        stop_process(self.api, "the API")
-        if self.node is not None:
-            try:
-                pid = self.node.pid
-                self.node.stop()
-                from controlplane.sandbox import namespace
-
-                if pid is not None and namespace.is_node_process(pid, self.node.root):
-                    log(f"Asterisk pid {pid} still runs after stop: SIGKILL to its group")
-                    namespace.signal_group(pid, signal.SIGKILL)
-                else:
-                    log("node stopped: no Asterisk process left")
-            except Exception as exc:  # noqa: BLE001
-                log(f"stopping the node failed: {exc}")
-        if self.pg is not None:
-            try:
-                self.pg.stop()
-            except Exception as exc:  # noqa: BLE001
-                log(f"stopping PostgreSQL failed: {exc}")
+        stop_services(self)
         if self.keep:
             log(f"work directory kept: {self.workdir}")
         else:

@@ -75,3 +75,31 @@ async def start_api(stack: Any, dsn: str, port: int) -> str:
                 pass
             await asyncio.sleep(0.2)
     raise BenchError("the API was not ready within 60s:\n" + stack.tail(stack.api_log))
+
+
+def stop_services(stack: Any) -> None:
+    """Stop the API, the sandboxed node (making sure no Asterisk process of it is left) and
+    PostgreSQL; each failure is reported and the rest still stopped."""
+    import signal
+
+    from bench.common import stop_process
+
+    stop_process(stack.api, "the API")
+    if stack.node is not None:
+        try:
+            pid = stack.node.pid
+            stack.node.stop()
+            from controlplane.sandbox import namespace
+
+            if pid is not None and namespace.is_node_process(pid, stack.node.root):
+                log(f"Asterisk pid {pid} still runs after stop: SIGKILL to its group")
+                namespace.signal_group(pid, signal.SIGKILL)
+            else:
+                log("node stopped: no Asterisk process left")
+        except Exception as exc:  # noqa: BLE001 - report and go on cleaning up
+            log(f"stopping the node failed: {exc}")
+    if stack.pg is not None:
+        try:
+            stack.pg.stop()
+        except Exception as exc:  # noqa: BLE001
+            log(f"stopping PostgreSQL failed: {exc}")
