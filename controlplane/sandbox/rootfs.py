@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from controlplane.sandbox import res_pjsip
 from controlplane.sandbox.namespace import mount_point_dirs
 
 ROOT_NAME = "asterisk-root"
@@ -50,26 +51,43 @@ def is_root_ready(cache_dir: Path) -> bool:
     return (root_path(cache_dir) / MARKER_NAME).is_file()
 
 
+def read_marker(root: Path) -> dict:
+    """The root's marker: what was installed, when, and which res_pjsip it runs."""
+    try:
+        marker = json.loads((root / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _res_pjsip_current(root: Path) -> bool:
+    return read_marker(root).get(res_pjsip.MARKER_KEY, res_pjsip.STOCK) == (
+        res_pjsip.wanted_patch_id()
+    )
+
+
 def ensure_root(cache_dir: Path, progress: Progress = print) -> Path:
     """Return the Asterisk root under ``cache_dir``, building it first if needed.
 
+    A root whose res_pjsip was built from other patches (or none) gets the current one.
     Safe to call from several processes at once: the build is serialised by a lock file.
     """
     cache_dir = Path(cache_dir).resolve()
     root = root_path(cache_dir)
-    if is_root_ready(cache_dir):
+    if is_root_ready(cache_dir) and _res_pjsip_current(root):
         return root
     _require_root_user()
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _build_lock(cache_dir):
-        if is_root_ready(cache_dir):
-            return root
-        if root.exists():
-            raise RootBuildError(
-                f"{root} exists but has no {MARKER_NAME} marker: it was not built by this "
-                f"sandbox; move it away or delete it and retry"
-            )
-        _Builder(cache_dir, progress).build(root)
+        if not is_root_ready(cache_dir):
+            if root.exists():
+                raise RootBuildError(
+                    f"{root} exists but has no {MARKER_NAME} marker: it was not built by "
+                    f"this sandbox; move it away or delete it and retry"
+                )
+            _Builder(cache_dir, progress).build(root)
+        if not _res_pjsip_current(root):
+            _Builder(cache_dir, progress).update_res_pjsip(root)
     return root
 
 
@@ -121,14 +139,19 @@ class _Builder:
                  "--no-install-recommends", *PACKAGES],
                 APT_INSTALL_TIMEOUT,
             )
-            self._finish(work)
+            version = self._in_root(
+                "asterisk-version", work,
+                ["dpkg-query", "-W", "-f=${Version}", "asterisk"], 60,
+            ).strip()
+            module = self._install_res_pjsip(work, version)
+            self._finish(work, version, module)
             work.rename(root)
         except BaseException:
             _remove_tree(work)
             raise
         self._say(f"Asterisk root ready at {root}")
 
-    def _finish(self, work: Path) -> None:
+    def _finish(self, work: Path, version: str, module: dict[str, str]) -> None:
         self._in_root("apt-clean", work, ["apt-get", "clean"], HOST_APT_TIMEOUT)
         (work / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
         write_hosts_file(work / "etc/hosts", "127.0.0.1")
@@ -136,18 +159,68 @@ class _Builder:
         for target in mount_point_dirs():
             (work / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
         (work / "etc/resolv.conf").touch()
-        version = self._in_root(
-            "asterisk-version", work, ["dpkg-query", "-W", "-f=${Version}", "asterisk"], 60
-        ).strip()
         marker = {
             "suite": SUITE,
             "packages": list(PACKAGES),
             "asterisk_version": version,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - self.started, 1),
+            **module,
         }
         (work / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
         self._say(f"asterisk {version} installed")
+
+    def update_res_pjsip(self, root: Path) -> None:
+        """Give an existing root the res_pjsip the current patches make (or Debian's back)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        marker = read_marker(root)
+        version = marker.get("asterisk_version") or self._in_root(
+            "asterisk-version", root, ["dpkg-query", "-W", "-f=${Version}", "asterisk"], 60
+        ).strip()
+        previous = marker.get("res_pjsip_module")
+        if previous:
+            # Debian's module back first: the build checks itself against the package's.
+            self._in_root("res-pjsip-undivert", root,
+                          res_pjsip.undivert_argv(previous), 120)
+        marker.pop("res_pjsip_module", None)
+        marker.update(self._install_res_pjsip(root, version))
+        (root / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+
+    def _install_res_pjsip(self, root: Path, version: str) -> dict[str, str]:
+        """Build the patched module in a copy of ``root`` and install it there; marker fields."""
+        wanted = res_pjsip.wanted_patch_id()
+        if wanted == res_pjsip.STOCK:
+            self._say(f"res_pjsip.so: Debian's, as shipped ({res_pjsip.STOCK_ENV} set)")
+            return {res_pjsip.MARKER_KEY: res_pjsip.STOCK}
+        work = root.parent / f"{ROOT_NAME}.tmp-res-pjsip-{os.getpid()}"
+        _remove_tree(work)
+        self._say(f"building res_pjsip.so with asterisk-patches/ ({wanted}) in {work}")
+        hint = (f"(set {res_pjsip.STOCK_ENV}=1 to run Debian's res_pjsip as shipped, "
+                f"fast up to a few thousand extensions per node)")
+        try:
+            res_pjsip.copy_tree(root, work)
+            _prepare_for_apt(work)
+            res_pjsip.stage_build_inputs(work)
+            self._in_root(
+                "res-pjsip-build", work,
+                ["sh", f"/build/patches/{res_pjsip.BUILD_SCRIPT}", "/build/patches",
+                 "/build/out"],
+                res_pjsip.BUILD_TIMEOUT,
+            )
+            output = res_pjsip.BuildOutput(work / "build/out")
+            output.check(version, wanted)
+            self._in_root("res-pjsip-divert", root,
+                          res_pjsip.divert_argv(output.module_path), 120)
+            res_pjsip.install_module(root, output)
+        except RootBuildError as exc:
+            raise RootBuildError(f"{exc}\n{hint}") from exc
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            raise RootBuildError(f"installing the patched res_pjsip failed: {exc} {hint}") from exc
+        finally:
+            _remove_tree(work)
+        self._say(f"res_pjsip.so: patched ({wanted}), Debian's kept as "
+                  f"{output.module_path}.debian")
+        return {res_pjsip.MARKER_KEY: wanted, "res_pjsip_module": output.module_path}
 
     def _ensure_debootstrap(self) -> None:
         if shutil.which("debootstrap"):

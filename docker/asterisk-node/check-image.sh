@@ -48,5 +48,12 @@ done
 grep -Eq '^icesupport[[:space:]]*=[[:space:]]*no[[:space:]]*$' "$ETC/rtp.conf" \
     || fail "rtp.conf must keep icesupport = no"
 
+# res_pjsip must be the one rebuilt with asterisk-patches/, Debian's kept aside.
+pjsip=$(dpkg -L asterisk-modules | awk '/\/asterisk\/modules\/res_pjsip\.so$/ && !n++')
+[[ -n $pjsip ]] || fail "asterisk-modules ships no res_pjsip.so"
+dpkg-divert --list "$pjsip" | grep -q -- "$pjsip.debian" \
+    || fail "$pjsip is Debian's as shipped, not the patched build (asterisk-patches/)"
+cmp -s "$pjsip" "$pjsip.debian" && fail "$pjsip is identical to Debian's"
+
 count=$(wc -w <<<"$modules")
 echo "check-image: $(asterisk -V), all $count modules of modules.conf installed"

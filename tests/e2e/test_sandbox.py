@@ -18,9 +18,11 @@ from controlplane.sandbox import (
     SandboxNode,
     node_rx,
     node_status,
+    res_pjsip,
     stop_node,
 )
 from controlplane.sandbox.config import loaded_module_names
+from controlplane.sandbox.rootfs import read_marker
 from tests.e2e.conftest import NodeCredentials, StartNode
 
 pytestmark = pytest.mark.e2e
@@ -190,6 +192,56 @@ async def test_pushed_endpoint_survives_a_node_restart(
     sandbox_node.start()
 
     assert re.search(r"Endpoint:\s+ext-2002\b", pjsip_endpoint_summary(sandbox_node, "ext-2002"))
+
+
+async def test_an_aor_pushed_after_its_endpoint_drives_the_endpoint_state(
+    sandbox_node: SandboxNode, node_credentials: NodeCredentials
+) -> None:
+    """The patched res_pjsip links a new AOR to the endpoint of its name without a scan."""
+
+    async def put(kind: str, object_id: str, fields: dict[str, str]) -> None:
+        status, body = await ari(
+            sandbox_node, "PUT", f"/asterisk/config/dynamic/res_pjsip/{kind}/{object_id}",
+            node_credentials.ari_user, node_credentials.ari_password,
+            {"fields": [{"attribute": k, "value": v} for k, v in fields.items()]},
+        )
+        assert status == 200, (kind, object_id, body)
+
+    def state() -> str:
+        found = re.search(r"Endpoint:\s+ext-3003\s+(\S+(?: \S+)*?)\s{2,}",
+                          pjsip_endpoint_summary(sandbox_node, "ext-3003"))
+        assert found, pjsip_endpoint_summary(sandbox_node, "ext-3003")
+        return found.group(1)
+
+    await put("endpoint", "ext-3003", {"aors": "ext-3003", "context": "sandbox-test",
+                                       "allow": "!all,ulaw", "transport": "transport-udp"})
+    assert state() == "Unavailable"
+
+    # A permanent contact, not qualified, counts as reachable once the AOR is linked.
+    await put("aor", "ext-3003", {"contact": "sip:ext-3003@127.0.0.99:5060"})
+    for _ in range(50):
+        if state() != "Unavailable":
+            break
+        await asyncio.sleep(0.1)
+    assert state() == "Not in use"
+
+
+def test_the_root_runs_res_pjsip_built_from_asterisk_patches(sandbox_root: Path) -> None:
+    marker = read_marker(sandbox_root)
+    wanted = res_pjsip.wanted_patch_id()
+    assert marker.get(res_pjsip.MARKER_KEY) == wanted
+    if wanted == res_pjsip.STOCK:  # PBX_SANDBOX_STOCK_RES_PJSIP=1: Debian's, not diverted
+        assert "res_pjsip_module" not in marker
+        return
+    module = sandbox_root / marker["res_pjsip_module"].lstrip("/")
+    package_module = module.with_name(module.name + ".debian")
+    assert package_module.is_file()
+    assert module.read_bytes() != package_module.read_bytes()
+    diversions = subprocess.run(
+        ["chroot", str(sandbox_root), "dpkg-divert", "--list", marker["res_pjsip_module"]],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert f"{marker['res_pjsip_module']}.debian" in diversions
 
 
 def test_node_mounts_stay_inside_its_namespace_and_the_root_is_read_only(
