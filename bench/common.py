@@ -50,22 +50,12 @@ def proc_stat(pid: int) -> list[str] | None:
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """CPU time of all threads of `pid`: the scheduler's exact run time (schedstat, ns),
-    falling back to utime + stime (tick-sampled, coarse on VMs); 0 for no such process."""
+    """CPU time of `pid`, all its threads, also those that already exited: utime + stime of
+    /proc/PID/stat (tick-sampled, 1/CLK_TCK s). Summing the live threads' schedstat would be
+    finer but loses every exited thread's time, and Asterisk's pools end threads all the
+    time (a phase then showed negative CPU). 0 for no such process."""
     if not pid:
         return 0.0
-    total, found = 0, False
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-                found = True
-            except (OSError, ValueError, IndexError):
-                continue
-    except OSError:
-        return 0.0
-    if found:
-        return total / 1e9
     f = proc_stat(pid)
     return 0.0 if f is None else (int(f[11]) + int(f[12])) / CLK_TCK  # utime, stime
 
