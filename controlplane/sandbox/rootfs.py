@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from controlplane.sandbox import res_pjsip
+from controlplane.sandbox import patched_modules as pm
 from controlplane.sandbox.namespace import mount_point_dirs
 
 ROOT_NAME = "asterisk-root"
@@ -52,7 +52,7 @@ def is_root_ready(cache_dir: Path) -> bool:
 
 
 def read_marker(root: Path) -> dict:
-    """The root's marker: what was installed, when, and which res_pjsip it runs."""
+    """The root's marker: what was installed, when, and which patched modules it runs."""
     try:
         marker = json.loads((root / MARKER_NAME).read_text())
     except (OSError, ValueError):
@@ -60,21 +60,20 @@ def read_marker(root: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
-def _res_pjsip_current(root: Path) -> bool:
-    return read_marker(root).get(res_pjsip.MARKER_KEY, res_pjsip.STOCK) == (
-        res_pjsip.wanted_patch_id()
-    )
+def _modules_current(root: Path) -> bool:
+    return read_marker(root).get(pm.MARKER_KEY, pm.STOCK) == pm.wanted_patch_id()
 
 
 def ensure_root(cache_dir: Path, progress: Progress = print) -> Path:
     """Return the Asterisk root under ``cache_dir``, building it first if needed.
 
-    A root whose res_pjsip was built from other patches (or none) gets the current one.
+    A root whose Asterisk modules were built from other patches (or none) gets the current
+    ones.
     Safe to call from several processes at once: the build is serialised by a lock file.
     """
     cache_dir = Path(cache_dir).resolve()
     root = root_path(cache_dir)
-    if is_root_ready(cache_dir) and _res_pjsip_current(root):
+    if is_root_ready(cache_dir) and _modules_current(root):
         return root
     _require_root_user()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -86,8 +85,8 @@ def ensure_root(cache_dir: Path, progress: Progress = print) -> Path:
                     f"this sandbox; move it away or delete it and retry"
                 )
             _Builder(cache_dir, progress).build(root)
-        if not _res_pjsip_current(root):
-            _Builder(cache_dir, progress).update_res_pjsip(root)
+        if not _modules_current(root):
+            _Builder(cache_dir, progress).update_modules(root)
     return root
 
 
@@ -143,15 +142,15 @@ class _Builder:
                 "asterisk-version", work,
                 ["dpkg-query", "-W", "-f=${Version}", "asterisk"], 60,
             ).strip()
-            module = self._install_res_pjsip(work, version)
-            self._finish(work, version, module)
+            modules = self._install_modules(work, version)
+            self._finish(work, version, modules)
             work.rename(root)
         except BaseException:
             _remove_tree(work)
             raise
         self._say(f"Asterisk root ready at {root}")
 
-    def _finish(self, work: Path, version: str, module: dict[str, str]) -> None:
+    def _finish(self, work: Path, version: str, modules: dict[str, object]) -> None:
         self._in_root("apt-clean", work, ["apt-get", "clean"], HOST_APT_TIMEOUT)
         (work / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
         write_hosts_file(work / "etc/hosts", "127.0.0.1")
@@ -165,62 +164,62 @@ class _Builder:
             "asterisk_version": version,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - self.started, 1),
-            **module,
+            **modules,
         }
         (work / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
         self._say(f"asterisk {version} installed")
 
-    def update_res_pjsip(self, root: Path) -> None:
-        """Give an existing root the res_pjsip the current patches make (or Debian's back)."""
+    def update_modules(self, root: Path) -> None:
+        """Give an existing root the modules the current patches make (or Debian's back)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         marker = read_marker(root)
         version = marker.get("asterisk_version") or self._in_root(
             "asterisk-version", root, ["dpkg-query", "-W", "-f=${Version}", "asterisk"], 60
         ).strip()
-        previous = marker.get("res_pjsip_module")
-        if previous:
+        for path in pm.marker_modules(marker):
             # Debian's module back first: the build checks itself against the package's.
-            self._in_root("res-pjsip-undivert", root,
-                          res_pjsip.undivert_argv(previous), 120)
-        marker.pop("res_pjsip_module", None)
-        marker.update(self._install_res_pjsip(root, version))
+            self._in_root("modules-undivert", root, pm.undivert_argv(path), 120)
+        for key in (pm.MODULES_KEY, "res_pjsip_module", "res_pjsip_patch"):
+            marker.pop(key, None)
+        marker.update(self._install_modules(root, version))
         (root / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
 
-    def _install_res_pjsip(self, root: Path, version: str) -> dict[str, str]:
-        """Build the patched module in a copy of ``root`` and install it there; marker fields."""
-        wanted = res_pjsip.wanted_patch_id()
-        if wanted == res_pjsip.STOCK:
-            self._say(f"res_pjsip.so: Debian's, as shipped ({res_pjsip.STOCK_ENV} set)")
-            return {res_pjsip.MARKER_KEY: res_pjsip.STOCK}
-        work = root.parent / f"{ROOT_NAME}.tmp-res-pjsip-{os.getpid()}"
+    def _install_modules(self, root: Path, version: str) -> dict[str, object]:
+        """Build the patched modules in a copy of ``root`` and install them there; the
+        marker's fields."""
+        wanted = pm.wanted_patch_id()
+        if wanted == pm.STOCK:
+            self._say(f"Asterisk modules: Debian's, as shipped ({pm.STOCK_ENV} set)")
+            return {pm.MARKER_KEY: pm.STOCK}
+        work = root.parent / f"{ROOT_NAME}.tmp-modules-{os.getpid()}"
         _remove_tree(work)
-        self._say(f"building res_pjsip.so with asterisk-patches/ ({wanted}) in {work}")
-        hint = (f"(set {res_pjsip.STOCK_ENV}=1 to run Debian's res_pjsip as shipped, "
-                f"fast up to a few thousand extensions per node)")
+        self._say(f"building Asterisk modules with asterisk-patches/ ({wanted}) in {work}")
+        hint = (f"(set {pm.STOCK_ENV}=1 to run Debian's modules as shipped, fast up to a "
+                f"few thousand extensions per node)")
         try:
-            res_pjsip.copy_tree(root, work)
+            pm.copy_tree(root, work)
             _prepare_for_apt(work)
-            res_pjsip.stage_build_inputs(work)
+            pm.stage_build_inputs(work)
             self._in_root(
-                "res-pjsip-build", work,
-                ["sh", f"/build/patches/{res_pjsip.BUILD_SCRIPT}", "/build/patches",
-                 "/build/out"],
-                res_pjsip.BUILD_TIMEOUT,
+                "modules-build", work,
+                ["sh", f"/build/patches/{pm.BUILD_SCRIPT}", "/build/patches", "/build/out"],
+                pm.BUILD_TIMEOUT,
             )
-            output = res_pjsip.BuildOutput(work / "build/out")
+            output = pm.BuildOutput(work / "build/out")
             output.check(version, wanted)
-            self._in_root("res-pjsip-divert", root,
-                          res_pjsip.divert_argv(output.module_path), 120)
-            res_pjsip.install_module(root, output)
+            for path in output.module_paths:
+                self._in_root("modules-divert", root, pm.divert_argv(path), 120)
+            pm.install_modules(root, output)
         except RootBuildError as exc:
             raise RootBuildError(f"{exc}\n{hint}") from exc
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            raise RootBuildError(f"installing the patched res_pjsip failed: {exc} {hint}") from exc
+            raise RootBuildError(f"installing the patched modules failed: {exc} {hint}") \
+                from exc
         finally:
             _remove_tree(work)
-        self._say(f"res_pjsip.so: patched ({wanted}), Debian's kept as "
-                  f"{output.module_path}.debian")
-        return {res_pjsip.MARKER_KEY: wanted, "res_pjsip_module": output.module_path}
+        names = ", ".join(Path(p).name for p in output.module_paths)
+        self._say(f"patched {names} ({wanted}); Debian's kept as <module>.so.debian")
+        return {pm.MARKER_KEY: wanted, pm.MODULES_KEY: output.module_paths}
 
     def _ensure_debootstrap(self) -> None:
         if shutil.which("debootstrap"):

@@ -48,12 +48,14 @@ done
 grep -Eq '^icesupport[[:space:]]*=[[:space:]]*no[[:space:]]*$' "$ETC/rtp.conf" \
     || fail "rtp.conf must keep icesupport = no"
 
-# res_pjsip must be the one rebuilt with asterisk-patches/, Debian's kept aside.
-pjsip=$(dpkg -L asterisk-modules | awk '/\/asterisk\/modules\/res_pjsip\.so$/ && !n++')
-[[ -n $pjsip ]] || fail "asterisk-modules ships no res_pjsip.so"
-dpkg-divert --list "$pjsip" | grep -q -- "$pjsip.debian" \
-    || fail "$pjsip is Debian's as shipped, not the patched build (asterisk-patches/)"
-cmp -s "$pjsip" "$pjsip.debian" && fail "$pjsip is identical to Debian's"
+# The modules asterisk-patches/ changes must be the rebuilt ones, Debian's kept aside.
+built=/usr/share/asterisk-node/modules/modules
+[[ -s $built ]] || fail "no list of rebuilt modules ($built)"
+while read -r name path; do
+    dpkg-divert --list "$path" | grep -q -- "$path.debian" \
+        || fail "$name is Debian's as shipped, not the build of asterisk-patches/"
+    cmp -s "$path" "$path.debian" && fail "$name is identical to Debian's"
+done < "$built"
 
 count=$(wc -w <<<"$modules")
 echo "check-image: $(asterisk -V), all $count modules of modules.conf installed"

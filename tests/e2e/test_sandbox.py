@@ -18,7 +18,7 @@ from controlplane.sandbox import (
     SandboxNode,
     node_rx,
     node_status,
-    res_pjsip,
+    patched_modules,
     stop_node,
 )
 from controlplane.sandbox.config import loaded_module_names
@@ -226,22 +226,25 @@ async def test_an_aor_pushed_after_its_endpoint_drives_the_endpoint_state(
     assert state() == "Not in use"
 
 
-def test_the_root_runs_res_pjsip_built_from_asterisk_patches(sandbox_root: Path) -> None:
+def test_the_root_runs_modules_built_from_asterisk_patches(sandbox_root: Path) -> None:
     marker = read_marker(sandbox_root)
-    wanted = res_pjsip.wanted_patch_id()
-    assert marker.get(res_pjsip.MARKER_KEY) == wanted
-    if wanted == res_pjsip.STOCK:  # PBX_SANDBOX_STOCK_RES_PJSIP=1: Debian's, not diverted
-        assert "res_pjsip_module" not in marker
+    wanted = patched_modules.wanted_patch_id()
+    assert marker.get(patched_modules.MARKER_KEY) == wanted
+    modules = patched_modules.marker_modules(marker)
+    if wanted == patched_modules.STOCK:  # PBX_SANDBOX_STOCK_ASTERISK=1: Debian's, as shipped
+        assert modules == []
         return
-    module = sandbox_root / marker["res_pjsip_module"].lstrip("/")
-    package_module = module.with_name(module.name + ".debian")
-    assert package_module.is_file()
-    assert module.read_bytes() != package_module.read_bytes()
-    diversions = subprocess.run(
-        ["chroot", str(sandbox_root), "dpkg-divert", "--list", marker["res_pjsip_module"]],
-        capture_output=True, text=True, timeout=30, check=True,
-    ).stdout
-    assert f"{marker['res_pjsip_module']}.debian" in diversions
+    assert sorted(Path(m).name for m in modules) == ["res_pjsip.so", "res_sorcery_astdb.so"]
+    for path in modules:
+        module = sandbox_root / path.lstrip("/")
+        package_module = module.with_name(module.name + ".debian")
+        assert package_module.is_file()
+        assert module.read_bytes() != package_module.read_bytes()
+        diversions = subprocess.run(
+            ["chroot", str(sandbox_root), "dpkg-divert", "--list", path],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+        assert f"{path}.debian" in diversions
 
 
 def test_node_mounts_stay_inside_its_namespace_and_the_root_is_read_only(

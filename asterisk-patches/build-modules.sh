@@ -1,29 +1,36 @@
 #!/bin/sh
-# Build res_pjsip.so for the Asterisk installed on this Debian system, from Debian's own source
-# package of exactly that version, with the patches in this directory applied.
+# Build the Asterisk modules that asterisk-patches/ changes (res_pjsip.so, res_sorcery_astdb.so)
+# for the Asterisk installed on this Debian system, from Debian's own source package of exactly
+# that version, with the patches in this directory applied.
 #
-#   build-res-pjsip.sh PATCH_DIR OUT_DIR [WORK_DIR]
+#   build-modules.sh PATCH_DIR OUT_DIR [WORK_DIR]
 #
 # Run as root on a Debian system (sid) where the asterisk package is installed and apt works;
-# it installs the build tools and asterisk-dev itself. OUT_DIR receives res_pjsip.so
-# (stripped), module-path (where the package installs it), asterisk-version and patch-id.
-# The sandbox runs it in a throw-away copy of its Asterisk root; docker/asterisk-node/Dockerfile
-# runs it in a build stage. The module is built with Debian's compiler flags and configure
-# options, checked against the installed package's build-option checksum (Asterisk refuses
-# modules built with other options) and compiled with the package's own autoconfig.h.
+# it installs the build tools and asterisk-dev itself. OUT_DIR receives each module (stripped),
+# modules (one "file path" line per module: where the package installs it), asterisk-version
+# and patch-id. The sandbox runs it in a throw-away copy of its Asterisk root;
+# docker/asterisk-node/Dockerfile runs it in a build stage. The modules are built with Debian's
+# compiler flags and configure options, checked against the installed package's build-option
+# checksum (Asterisk refuses modules built with other options) and compiled with the package's
+# own autoconfig.h.
 set -eu
 
 patch_dir=$(cd "${1:?patch directory}" && pwd)
 out=${2:?output directory}
-work=${3:-/build/res-pjsip}
+work=${3:-/build/asterisk-modules}
+# The modules the patches touch (res/<name>.so in Asterisk's tree).
+modules="res_pjsip res_sorcery_astdb"
 
-say() { printf '[build-res-pjsip] %s\n' "$*"; }
+say() { printf '[build-modules] %s\n' "$*"; }
 apt_get() { apt-get -o Acquire::Check-Valid-Until=false "$@"; }
 
 version=$(dpkg-query -W -f='${Version}' asterisk)
-module_path=$(dpkg -S '*/asterisk/modules/res_pjsip.so' | sed -n 's/^[^:]*: //p' | head -n1)
-[ -n "$module_path" ] || { say "the installed asterisk packages have no res_pjsip.so"; exit 1; }
-say "asterisk $version, module $module_path"
+module_path() { dpkg -S "*/asterisk/modules/$1.so" | sed -n 's/^[^:]*: //p' | head -n1; }
+for module in $modules; do
+    [ -n "$(module_path "$module")" ] || {
+        say "the installed asterisk packages have no $module.so"; exit 1; }
+done
+say "asterisk $version, modules: $modules"
 
 # Enable source packages for every Debian archive apt already uses.
 for list in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
@@ -107,28 +114,34 @@ fi
 # Feature macros exactly as the package was built (libraries this build lacks included).
 cp /usr/include/asterisk/autoconfig.h include/asterisk/autoconfig.h
 
-say "building res_pjsip.so"
-printf 'pbx-res-pjsip: makeopts\n\t+@_ASTCFLAGS="$(MOD_SUBDIR_CFLAGS) $(_ASTCFLAGS)" ASTCFLAGS="$(ASTCFLAGS)" _ASTLDFLAGS="$(_ASTLDFLAGS)" ASTLDFLAGS="$(ASTLDFLAGS)" $(SUBMAKE) --no-builtin-rules -C res SUBDIR=res res_pjsip.so\n' \
-    > pbx-res-pjsip.mk
-make -f Makefile -f pbx-res-pjsip.mk pbx-res-pjsip -j"$(nproc)" \
+targets=$(for module in $modules; do printf '%s.so ' "$module"; done)
+say "building $targets"
+# A make rule, written literally: $(...) are make variables.
+# shellcheck disable=SC2016
+printf 'pbx-modules: makeopts\n\t+@_ASTCFLAGS="$(MOD_SUBDIR_CFLAGS) $(_ASTCFLAGS)" ASTCFLAGS="$(ASTCFLAGS)" _ASTLDFLAGS="$(_ASTLDFLAGS)" ASTLDFLAGS="$(ASTLDFLAGS)" $(SUBMAKE) --no-builtin-rules -C res SUBDIR=res $(PBX_MODULES)\n' \
+    > pbx-modules.mk
+make -f Makefile -f pbx-modules.mk pbx-modules PBX_MODULES="$targets" -j"$(nproc)" \
     AST_FORTIFY_SOURCE= DEBUG= OPTIMIZE= NOISY_BUILD=yes \
     ASTDATADIR=/usr/share/asterisk ASTVARRUNDIR=/var/run/asterisk
 
-# The module must link against exactly what the package's module links against.
-installed=$(dpkg-divert --truename "$module_path")
-for kind in --defined-only --undefined-only; do
-    nm -D "$kind" "$installed" | awk '{print $NF}' | sort > "$work/symbols.package"
-    nm -D "$kind" res/res_pjsip.so | awk '{print $NF}' | sort > "$work/symbols.built"
-    if ! cmp -s "$work/symbols.package" "$work/symbols.built"; then
-        say "the built module's dynamic symbols ($kind) differ from the package's:"
-        diff "$work/symbols.package" "$work/symbols.built" | head -n 20
-        exit 1
-    fi
-done
-
 mkdir -p "$out"
-strip --strip-unneeded -o "$out/res_pjsip.so" res/res_pjsip.so
-printf '%s\n' "$module_path" > "$out/module-path"
+: > "$out/modules"
+for module in $modules; do
+    path=$(module_path "$module")
+    # Each module must link against exactly what the package's module links against.
+    installed=$(dpkg-divert --truename "$path")
+    for kind in --defined-only --undefined-only; do
+        nm -D "$kind" "$installed" | awk '{print $NF}' | sort > "$work/symbols.package"
+        nm -D "$kind" "res/$module.so" | awk '{print $NF}' | sort > "$work/symbols.built"
+        if ! cmp -s "$work/symbols.package" "$work/symbols.built"; then
+            say "$module.so: dynamic symbols ($kind) differ from the package's:"
+            diff "$work/symbols.package" "$work/symbols.built" | head -n 20
+            exit 1
+        fi
+    done
+    strip --strip-unneeded -o "$out/$module.so" "res/$module.so"
+    printf '%s.so %s\n' "$module" "$path" >> "$out/modules"
+done
 printf '%s\n' "$version" > "$out/asterisk-version"
 cat "$patch_dir"/*.patch | sha256sum | cut -c1-16 > "$out/patch-id"
-say "done: $out/res_pjsip.so (patch $(cat "$out/patch-id"))"
+say "done: $targets in $out (patches $(cat "$out/patch-id"))"
