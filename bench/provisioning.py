@@ -252,7 +252,9 @@ class Stack:
 
 def start_agent(stack: Stack, dsn: str, tenant_dir: Path) -> float:
     """Spawn `pbxctl agent`; returns the wall-clock time of the spawn."""
-    env = service_env(stack, dsn, PBX_LOG_LEVEL="INFO")
+    # The node's CDR file as the host sees it: calls end by their CDR, not by a lapsed lease.
+    env = service_env(stack, dsn, PBX_LOG_LEVEL="INFO",
+                      PBX_CDR_FILE=str(stack.node.cdr_file) if stack.node else "")
     spawned = time.time()
     with stack.agent_log.open("ab") as out:
         stack.agent = subprocess.Popen(

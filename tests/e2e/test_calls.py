@@ -477,6 +477,37 @@ async def test_api_hangs_up_a_call_in_progress(calls):
     await until(gone, "the call to end")
 
 
+async def test_a_call_longer_than_its_lease_keeps_it_while_the_agent_vouches(calls):
+    calls.lease = 2.0
+    await calls.stop_agent(0)
+    await calls.start_agent(0)
+    world = await calls.customer(dealer_calls=5)
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "9002", plan_id=world["plan"]["id"])
+    await calls.settle()
+    carrier = carrier_uas(1, 30)
+    call = asyncio.create_task(place(phone, "33334445", hold_ms=6000, timeout=20))
+
+    async def answered() -> bool:
+        items = await calls.live(extension_id=ext["id"])
+        return bool(items) and items[0]["state"] == "answered"
+
+    await until(answered, "the call to be answered")
+    await asyncio.sleep(3 * calls.lease)  # three leases: only renewals keep it
+    await lifecycle.sweep(calls.db)
+    assert [c["state"] for c in await calls.live(extension_id=ext["id"])] == ["answered"]
+    assert (await calls.counters())[("d", world["dist"]["id"])] == 1
+    assert (await call).ok
+    await carrier
+
+    async def settled() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(settled, "the call's CDR")
+    assert [c["disposition"] for c in await calls.cdrs(extension_id=ext["id"])] == ["ANSWERED"]
+
+
 async def test_a_lapsed_lease_releases_the_call_and_the_late_cdr_changes_nothing(calls):
     calls.lease = 2.0
     await calls.stop_agent(0)
