@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 FP_FAMILY = "pbx-fp"
 # Memory caches in front of the astdb (asterisk-conf/sorcery.conf), per object type.
 CACHES = {"endpoint": "res_pjsip_endpoint", "auth": "res_pjsip_auth", "aor": "res_pjsip_aor"}
+# Account codes read and pushed per step of an incremental apply.
+APPLY_SLICE = 1000
 EXT_FAMILY = "pbx-ext"
 CHANNEL = "pbx_changes"
 
@@ -183,7 +185,7 @@ class NodeAgent:
             except (AmiUnavailable, AriError, OSError, asyncpg.PostgresError,
                     asyncpg.InterfaceError, TimeoutError) as exc:
                 failures += 1
-                log.warning("node %s: applying changes failed (%s); will reconcile",
+                log.warning("node %s: applying changes failed (%r); will reconcile",
                             self.node.name, exc)
                 self.pending.full = True
                 await self._note_error(str(exc))
@@ -196,16 +198,24 @@ class NodeAgent:
 
     async def _apply(self, work: Pending) -> None:
         codes = set(work.codes)
-        async with self.pool.acquire() as conn:
-            if work.tenants:
+        tenants: dict[int, desired.TenantState] = {}
+        if work.tenants:
+            async with self.pool.acquire() as conn:
                 codes |= {c for c, m in self.markers.items() if m.tenant_id in work.tenants}
                 rows = await conn.fetch(
                     "SELECT account_code FROM extensions WHERE tenant_id = ANY ($1::bigint[])",
                     list(work.tenants))
                 codes |= {r["account_code"] for r in rows}
                 tenants = await desired.tenants(conn, self.node.id)
-            want = await desired.extensions(conn, self.node.id, self.transports, codes)
-        await self._converge(codes, want)
+        # In slices: a bulk creation leaves tens of thousands of codes pending, and one query
+        # for all of them can outlast the database timeout on a busy machine. Number swaps
+        # across slices end right: a number is unmapped only while it still maps to its code.
+        ordered = sorted(codes)
+        for start in range(0, len(ordered), APPLY_SLICE):
+            chunk = ordered[start:start + APPLY_SLICE]
+            async with self.pool.acquire() as conn:
+                want = await desired.extensions(conn, self.node.id, self.transports, chunk)
+            await self._converge(chunk, want)
         if work.tenants:
             changed = False
             for tid in work.tenants:
