@@ -23,6 +23,10 @@ SELECT e.account_code, e.tenant_id, e.number, e.name, e.sip_password, e.max_call
  WHERE t.node_id = $1 AND e.active AND t.status = 'active'
 """
 
+# bpchar[], as the column is char(6): against text[] the column is cast, and its unique index
+# cannot serve the look-up (each one scanned all of the node's extensions).
+EXTENSIONS_BY_CODE_SQL = EXTENSIONS_SQL + " AND e.account_code = ANY ($2::bpchar[])"
+
 
 @dataclass(frozen=True)
 class NodeRecord:
@@ -61,7 +65,7 @@ async def extensions(conn: asyncpg.Connection, node_id: int, transports: set[str
     if account_codes is None:
         rows = await conn.fetch(EXTENSIONS_SQL, node_id)
     else:
-        rows = await conn.fetch(EXTENSIONS_SQL + " AND e.account_code = ANY ($2::text[])",
+        rows = await conn.fetch(EXTENSIONS_BY_CODE_SQL,
                                 node_id, list(account_codes))
     return {r["account_code"]: _state(r, transports) for r in rows}
 

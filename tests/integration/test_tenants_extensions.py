@@ -160,3 +160,31 @@ async def test_injection_attempts_are_refused_before_storage(api):
         assert reply.status == 422, (name, reply)
         assert reply.headers["Content-Type"].startswith("application/problem+json")
     assert await api.count("tenants") == before
+
+
+async def test_the_agent_reads_extensions_by_account_code_through_the_index(api, db):
+    from controlplane.provisioning.desired import EXTENSIONS_BY_CODE_SQL as sql
+
+    node = api.ok(await api.post("/api/v1/nodes", {
+        "name": "n-index", "sip_address": "198.51.100.9", "ami_host": "10.0.0.9",
+        "ami_username": "admin", "ami_secret": "ami-secret-123456",
+        "ari_url": "http://10.0.0.9:8088", "ari_username": "ari",
+        "ari_password": "ari-password-123456"}), 201)
+    dist = await api.dealer("distributor", node_id=node["id"])
+    t = await api.tenant((await api.dealer("reseller", parent_id=dist["id"]))["id"])
+    codes = []
+    for first in ("10000", "11000", "12000"):
+        made = api.ok(await api.post(f"/api/v1/tenants/{t['id']}/extensions/bulk",
+                                     {"first_number": first, "count": 1000}), 201)
+        codes += [item["account_code"] for item in made["items"]]
+    async with db.acquire() as conn:
+        await conn.execute("ANALYZE extensions")
+        node_id = await conn.fetchval("SELECT node_id FROM tenants WHERE id = $1", t["id"])
+        assert node_id == node["id"]
+        wanted = codes[5:15]
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", node_id, wanted))
+        # the unique index on account_code, not a scan of every extension of the node
+        assert "extensions_account_code_key" in plan, plan
+        assert "Seq Scan on extensions" not in plan, plan
+        rows = await conn.fetch(sql, node_id, wanted)
+        assert sorted(r["account_code"] for r in rows) == sorted(wanted)
