@@ -386,8 +386,10 @@ class Sipp:
         self.dir = stack.workdir / "sipp"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._files = itertools.count()
-        self._ports = itertools.cycle(range(43000, 47000))
-        self._media = itertools.cycle(range(50000, 59990, 10))
+        # Above the kernel's ephemeral ports (32768-60999 here): a port the agent's or the
+        # API's own connections happened to hold made a SIPp run fail to bind.
+        self._ports = itertools.cycle(range(61000, 63000))
+        self._media = itertools.cycle(range(63000, 65520, 10))
 
     def port(self) -> int:
         return next(self._ports)
