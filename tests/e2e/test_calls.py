@@ -487,7 +487,7 @@ async def test_a_call_longer_than_its_lease_keeps_it_while_the_agent_vouches(cal
     ext, phone = await calls.phone(tenant, registrar, "9002", plan_id=world["plan"]["id"])
     await calls.settle()
     carrier = carrier_uas(1, 30)
-    call = asyncio.create_task(place(phone, "33334445", hold_ms=6000, timeout=20))
+    call = asyncio.create_task(place(phone, "33334445", hold_ms=12000, timeout=30))
 
     async def answered() -> bool:
         items = await calls.live(extension_id=ext["id"])
