@@ -477,23 +477,32 @@ async def test_api_hangs_up_a_call_in_progress(calls):
     await until(gone, "the call to end")
 
 
-async def test_a_call_longer_than_its_lease_keeps_it_while_the_agent_vouches(calls):
+async def _answered_outbound_call(calls, number: str, dialled: str, hold_ms: int,
+                                  timeout: float) -> tuple[dict, dict, Any, Any]:
+    """With 2 s leases: a phone's outbound call through the carrier, once it is answered.
+    Returns the world, the extension, and the SIPp caller and carrier tasks."""
     calls.lease = 2.0
     await calls.stop_agent(0)
     await calls.start_agent(0)
     world = await calls.customer(dealer_calls=5)
     tenant, registrar = world["tenants"][0]
     await calls.carrier(0)
-    ext, phone = await calls.phone(tenant, registrar, "9002", plan_id=world["plan"]["id"])
+    ext, phone = await calls.phone(tenant, registrar, number, plan_id=world["plan"]["id"])
     await calls.settle()
     carrier = carrier_uas(1, 30)
-    call = asyncio.create_task(place(phone, "33334445", hold_ms=12000, timeout=30))
+    call = asyncio.create_task(place(phone, dialled, hold_ms=hold_ms, timeout=timeout))
 
     async def answered() -> bool:
         items = await calls.live(extension_id=ext["id"])
         return bool(items) and items[0]["state"] == "answered"
 
     await until(answered, "the call to be answered")
+    return world, ext, call, carrier
+
+
+async def test_a_call_longer_than_its_lease_keeps_it_while_the_agent_vouches(calls):
+    world, ext, call, carrier = await _answered_outbound_call(calls, "9002", "33334445",
+                                                             hold_ms=12000, timeout=30)
     await asyncio.sleep(3 * calls.lease)  # three leases: only renewals keep it
     await lifecycle.sweep(calls.db)
     assert [c["state"] for c in await calls.live(extension_id=ext["id"])] == ["answered"]
@@ -509,22 +518,8 @@ async def test_a_call_longer_than_its_lease_keeps_it_while_the_agent_vouches(cal
 
 
 async def test_a_lapsed_lease_releases_the_call_and_the_late_cdr_changes_nothing(calls):
-    calls.lease = 2.0
-    await calls.stop_agent(0)
-    await calls.start_agent(0)
-    world = await calls.customer(dealer_calls=5)
-    tenant, registrar = world["tenants"][0]
-    await calls.carrier(0)
-    ext, phone = await calls.phone(tenant, registrar, "9001", plan_id=world["plan"]["id"])
-    await calls.settle()
-    carrier = carrier_uas(1, 30)
-    call = asyncio.create_task(place(phone, "33334444", hold_ms=5000, timeout=20))
-
-    async def answered() -> bool:
-        items = await calls.live(extension_id=ext["id"])
-        return bool(items) and items[0]["state"] == "answered"
-
-    await until(answered, "the call to be answered")
+    world, ext, call, carrier = await _answered_outbound_call(calls, "9001", "33334444",
+                                                             hold_ms=5000, timeout=20)
     assert (await calls.counters())[("d", world["dist"]["id"])] == 1
     await calls.stop_agent(0)  # nobody vouches for the call any more
     await asyncio.sleep(calls.lease + 0.5)
