@@ -67,6 +67,8 @@ from bench.common import (  # noqa: E402
     stop_process,
     summarize_profile,
 )
+from bench.services import service_env, wait_ready  # noqa: E402
+from bench.services import start_postgres as embedded_postgres  # noqa: E402
 
 BENCH = ROOT / "bench"
 LUA = BENCH / "api_load.lua"
@@ -246,6 +248,7 @@ class Stack:
 
     workdir: Path
     pg: Any = None
+    postmaster: int | None = None
     service: subprocess.Popen[bytes] | None = None
     service_log: Path | None = None
     http: aiohttp.ClientSession | None = None
@@ -285,43 +288,20 @@ async def start_postgres(stack: Stack, reset: bool) -> tuple[str, int | None]:
         finally:
             await conn.close()
         return dsn, None
-    from controlplane.db.embedded import EmbeddedPostgres
-
-    stack.pg = EmbeddedPostgres(stack.workdir / "pg")
-    log("starting embedded PostgreSQL")
-    loop = asyncio.get_running_loop()
-    try:
-        dsn = await asyncio.wait_for(loop.run_in_executor(None, stack.pg.start), timeout=180)
-    except TimeoutError:
-        raise BenchError("embedded PostgreSQL did not start within 180s") from None
-    pid_file = stack.pg.pgdata / "postmaster.pid"
-    postmaster = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-    return dsn, postmaster
+    dsn = await embedded_postgres(stack)
+    return dsn, stack.postmaster
 
 
 async def start_service(stack: Stack, dsn: str, port: int) -> str:
-    env = {**os.environ, "PBX_DSN": dsn, "PBX_DATA_DIR": str(stack.workdir / "data"),
-           "PBX_HTTP_HOST": "127.0.0.1", "PBX_HTTP_PORT": str(port), "PBX_LOG_LEVEL": "WARNING",
-           # the code of the checkout this script is in, even from another work tree
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = service_env(stack, dsn, PBX_HTTP_HOST="127.0.0.1", PBX_HTTP_PORT=str(port),
+                      PBX_LOG_LEVEL="WARNING",
+                      # the code of the checkout this script is in, even from another tree
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                               os.environ.get("PYTHONPATH")])))
     stack.spawn_service(env)
     assert stack.service is not None
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while time.monotonic() < deadline:
-            if stack.service.poll() is not None:
-                raise BenchError(f"the service exited ({stack.service.returncode}):\n"
-                                 + stack.service_tail())
-            try:
-                async with http.get(base + "/readyz") as r:
-                    if r.status == 200:
-                        return base
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.2)
-    raise BenchError("the service was not ready within 60s:\n" + stack.service_tail())
+    return await wait_ready(f"http://127.0.0.1:{port}", stack.service, stack.service_tail,
+                            "the service")
 
 
 # -- seeding ----------------------------------------------------------------------------------

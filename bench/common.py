@@ -120,14 +120,15 @@ def summarize_profile(raw: Path, top: int = 25, note: str = "") -> list[str]:
     return out
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, what: str = "the agent") -> None:
-    """SIGTERM, then SIGKILL after 20 s; nothing when it is not running."""
+def stop_process(proc: subprocess.Popen[bytes] | None, what: str = "the agent",
+                 sig: int = signal.SIGTERM, within: float = 20) -> None:
+    """`sig` (SIGTERM), then SIGKILL after `within` s; nothing when it is not running."""
     if proc is None or proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=within)
     except subprocess.TimeoutExpired:
-        log(f"{what} did not stop within 20s: killing it")
+        log(f"{what} did not stop within {within:g}s: killing it")
         proc.kill()
         proc.wait(timeout=10)

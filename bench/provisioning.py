@@ -317,14 +317,7 @@ def start_spy(stack: Stack, pid: int, dest: Path) -> subprocess.Popen[bytes] | N
 
 
 def stop_spy(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+    stop_process(proc, "py-spy", signal.SIGINT, 30)  # SIGINT: it writes its profile
 
 
 # -- the API ----------------------------------------------------------------------------------

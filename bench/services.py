@@ -56,17 +56,22 @@ def spawn_api(stack: Any, dsn: str, port: int) -> None:
 
 async def start_api(stack: Any, dsn: str, port: int) -> str:
     """Spawn `pbxctl serve` and wait for /readyz; the API's base URL."""
-    import aiohttp
-
     spawn_api(stack, dsn, port)
     assert stack.api is not None
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    return await wait_ready(f"http://127.0.0.1:{port}", stack.api,
+                            lambda: stack.tail(stack.api_log), "the API")
+
+
+async def wait_ready(base: str, proc: Any, tail: Any, what: str, within: float = 60) -> str:
+    """Poll `base`/readyz until 200; `base`. Fails when `proc` exits first or time is up,
+    with `tail()` (the end of its log)."""
+    import aiohttp
+
+    deadline = time.monotonic() + within
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
         while time.monotonic() < deadline:
-            if stack.api.poll() is not None:
-                raise BenchError(f"the API exited ({stack.api.returncode}):\n"
-                                 + stack.tail(stack.api_log))
+            if proc.poll() is not None:
+                raise BenchError(f"{what} exited ({proc.returncode}):\n" + tail())
             try:
                 async with http.get(base + "/readyz") as r:
                     if r.status == 200:
@@ -74,7 +79,7 @@ async def start_api(stack: Any, dsn: str, port: int) -> str:
             except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(0.2)
-    raise BenchError("the API was not ready within 60s:\n" + stack.tail(stack.api_log))
+    raise BenchError(f"{what} was not ready within {within:g}s:\n" + tail())
 
 
 def stop_services(stack: Any) -> None:
