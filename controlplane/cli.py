@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import json
 import logging
 import signal
 import sys
 from typing import Any
 
+from controlplane.eventloop import run_loop
 from controlplane.settings import Settings
 
 log = logging.getLogger("pbxctl")
@@ -116,7 +119,9 @@ async def _agent(settings: Settings, node_name: str, tenant_dir: str | None,
     from controlplane.provisioning.agent import NodeAgent
     from controlplane.provisioning.desired import load_node
 
-    pool = await _open(settings)
+    # Every connection opened at start: a burst of calls must not wait for new ones to be
+    # opened (connect, authenticate, type introspection: tens of ms each).
+    pool = await _open(dataclasses.replace(settings, db_pool_min=settings.db_pool_max))
     async with pool.acquire() as conn:
         record = await load_node(conn, node_name)
     if record is None:
@@ -225,18 +230,19 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env(**overrides)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = functools.partial(run_loop, settings.event_loop)
     if args.command == "serve":
-        asyncio.run(_serve(settings, args.demo))
+        run(_serve(settings, args.demo))
     elif args.command == "up":
-        asyncio.run(_serve(settings, True, sandbox=True))
+        run(_serve(settings, True, sandbox=True))
     elif args.command == "agent":
-        asyncio.run(_agent(settings, args.node, args.tenant_dir, args.interface, args.role))
+        run(_agent(settings, args.node, args.tenant_dir, args.interface, args.role))
     elif args.command == "render":
-        asyncio.run(_render(settings, args.tenant))
+        run(_render(settings, args.tenant))
     elif args.command == "sandbox":
         _sandbox(settings, args)
     elif args.command == "migrate":
-        asyncio.run(_migrate(settings))
+        run(_migrate(settings))
     elif args.command == "db":
         _db(settings, args.action)
     elif args.command == "openapi":

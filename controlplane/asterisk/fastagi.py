@@ -14,11 +14,13 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_LINES = 200
-MAX_LINE = 4096
+MAX_REQUEST = 64 * 1024  # bytes a peer may send unanswered
+BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -75,20 +77,17 @@ def pack(variables: Mapping[str, str]) -> str | None:
     return ",".join(names) + "|" + ",".join(values)
 
 
-async def read_environment(reader: asyncio.StreamReader, timeout: float) -> dict[str, str]:
+def parse_environment(block: bytes) -> dict[str, str]:
+    """The `agi_*` lines of one request, up to and without the blank line that ends them."""
     env: dict[str, str] = {}
-    async with asyncio.timeout(timeout):
-        for _ in range(MAX_HEADER_LINES):
-            line = await reader.readline()
-            if not line:
-                raise AgiProtocolError("the connection closed inside the AGI environment")
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if text == "":
-                return env
-            key, sep, value = text.partition(":")
-            if sep:
-                env[key.strip()] = value.strip()
-    raise AgiProtocolError("the AGI environment is too long")
+    lines = block.decode("utf-8", "replace").split("\n")
+    if len(lines) > MAX_HEADER_LINES:
+        raise AgiProtocolError("the AGI environment is too long")
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep:
+            env[key.strip()] = value.strip()
+    return env
 
 
 def parse_request(env: Mapping[str, str]) -> AgiRequest:
@@ -102,6 +101,66 @@ def parse_request(env: Mapping[str, str]) -> AgiRequest:
     return AgiRequest(script=script, args=tuple(args), env=dict(env))
 
 
+class _Exchange(asyncio.Protocol):
+    """One FastAGI connection, read straight from its transport: Asterisk sends the whole
+    environment at once, so it is parsed in one piece rather than line by line."""
+
+    def __init__(self, server: FastAgiServer) -> None:
+        self.server = server
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (uvloop's do not derive from asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
+        self.server._start(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > MAX_REQUEST:
+            self.lost = True
+            assert self.transport is not None
+            self.transport.abort()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.lost = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def read_until(self, separator: bytes) -> bytes:
+        """Bytes up to and without `separator`; AgiProtocolError if the peer left first."""
+        while True:
+            at = self.buffer.find(separator)
+            if at >= 0:
+                block = bytes(self.buffer[:at])
+                del self.buffer[:at + len(separator)]
+                return block
+            if self.lost:
+                raise AgiProtocolError("the connection closed inside the AGI exchange")
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("Asterisk closed the FastAGI connection")
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class FastAgiServer:
     def __init__(self, routes: Mapping[str, Handler], *, on_timeout: Fallback,
                  handler_timeout: float = 1.0, read_timeout: float = 2.0) -> None:
@@ -109,11 +168,15 @@ class FastAgiServer:
         self.on_timeout = on_timeout
         self.handler_timeout, self.read_timeout = handler_timeout, read_timeout
         self.server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.served = 0
 
     async def start(self, host: str, port: int) -> int:
-        self.server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE,
-                                                 reuse_address=True)
+        # Asterisk opens a connection per AGI request: a burst of calls must not overflow
+        # the accept queue (a dropped SYN costs the call a second or more).
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Exchange(self), host, port,
+                                               reuse_address=True, backlog=BACKLOG)
         sock = self.server.sockets[0]
         return int(sock.getsockname()[1])
 
@@ -122,13 +185,21 @@ class FastAgiServer:
             self.server.close()
             await self.server.wait_closed()
             self.server = None
+        for task in list(self._tasks):
+            task.cancel()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _start(self, exchange: _Exchange) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(exchange))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, exchange: _Exchange) -> None:
         try:
-            env = await read_environment(reader, self.read_timeout)
+            async with asyncio.timeout(self.read_timeout):
+                env = parse_environment(await exchange.read_until(b"\n\n"))
             request = parse_request(env)
             answer = await self._answer(request)
-            await self._set_variables(reader, writer, answer)
+            await self._set_variables(exchange, answer)
             self.served += 1
         except TimeoutError:
             log.warning("FastAGI: Asterisk did not finish the exchange in %.1fs",
@@ -136,18 +207,15 @@ class FastAgiServer:
         except (AgiProtocolError, ConnectionError, ValueError) as exc:
             log.warning("FastAGI request failed: %r", exc)
         finally:
-            writer.close()
-            try:
-                await asyncio.wait_for(writer.wait_closed(), self.read_timeout)
-            except (TimeoutError, ConnectionError):
-                pass
+            exchange.close()
 
     async def _answer(self, request: AgiRequest) -> Mapping[str, str]:
         handler = self.routes.get(request.script)
         if handler is None:
             raise AgiProtocolError(f"no FastAGI script {request.script!r}")
         try:
-            return await asyncio.wait_for(handler(request), self.handler_timeout)
+            async with asyncio.timeout(self.handler_timeout):
+                return await handler(request)
         except TimeoutError:
             log.warning("FastAGI %s took longer than %.1fs: answering by policy",
                         request.script, self.handler_timeout)
@@ -157,8 +225,7 @@ class FastAgiServer:
             log.exception("FastAGI %s failed: answering by policy", request.script)
             return self.on_timeout(request)
 
-    async def _set_variables(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             variables: Mapping[str, str]) -> None:
+    async def _set_variables(self, exchange: _Exchange, variables: Mapping[str, str]) -> None:
         if not variables:
             return
         packed = pack(variables) if len(variables) > 1 else None
@@ -174,8 +241,7 @@ class FastAgiServer:
         # until the connection closes, so a pipelined exchange always ran into read_timeout.
         async with asyncio.timeout(self.read_timeout):
             for command in commands:
-                writer.write(command)
-                await writer.drain()
-                reply = await reader.readline()
+                exchange.write(command)
+                reply = await exchange.read_until(b"\n")
                 if not reply.startswith(b"200"):
                     raise AgiProtocolError(f"Asterisk answered {reply[:80]!r}")

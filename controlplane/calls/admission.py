@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import asyncpg
 
 from controlplane.calls import credit
-from controlplane.rating import store as rates
+from controlplane.calls.batching import Batcher
+from controlplane.rating.cache import RateCache
 from controlplane.rating.classify import (
     FREE_CLASSES,
     PERMISSION_FLAGS,
@@ -134,6 +136,9 @@ class Admission:
     def __init__(self, pool: asyncpg.Pool, *, lease: float = LEASE_SECONDS,
                  ahead: int = credit.AHEAD_SECONDS) -> None:
         self.pool, self.lease, self.ahead = pool, lease, ahead
+        self.rates = RateCache(pool)
+        self._answers: Batcher[uuid.UUID, str, int | None] = Batcher(self._record_answers,
+                                                                    default=None)
 
     async def decide(self, req: CallRequest) -> Decision:
         try:
@@ -192,12 +197,12 @@ class Admission:
 
     async def _rate(self, conn: asyncpg.Connection, party: asyncpg.Record,
                     c: Classification) -> Rate:
-        table = party["plan_rate_table"]
+        table, version = party["plan_rate_table"], party["plan_rates_version"]
         if c.call_class == CallClass.INTERNATIONAL and party["intl_plan_id"] is not None:
-            table = party["intl_rate_table"]
+            table, version = party["intl_rate_table"], party["intl_rates_version"]
         if table is None:
             raise Refused(403, "no_rate_table")
-        rate = await rates.find_rate(conn, table, c.e164 or "", str(c.call_class))
+        rate = await self.rates.find(conn, table, version, c.e164 or "", str(c.call_class))
         if rate is None:
             raise Refused(403, "no_rate")
         return rate
@@ -230,7 +235,11 @@ class Admission:
                         variables={"PBX_TENANT": str(party["tenant_id"])})
 
     async def answer(self, call_id: uuid.UUID, callee_channel: str) -> int | None:
-        """The call was answered: its granted time starts now. Returns it (None: unlimited)."""
+        """The call was answered: its granted time starts now. Returns it (None: unlimited,
+        or already answered). Answers arriving together are recorded in one statement."""
+        return await self._answers.submit(call_id, callee_channel)
+
+    async def _record_answers(self, answers: Sequence[tuple[uuid.UUID, str]]
+                              ) -> dict[uuid.UUID, int | None]:
         async with self.pool.acquire() as conn:
-            row = await store.answered(conn, call_id, callee_channel, self.lease)
-        return None if row is None else row["granted_seconds"]
+            return await store.answered(conn, list(answers), self.lease)

@@ -17,9 +17,9 @@ from controlplane.rating.tariff import Rate
 
 RATE_COLUMNS = ("rate_table_id", "prefix", "description", "price_per_minute", "connection_fee",
                 "first_increment", "next_increment", "free_seconds", "call_class")
-_SELECT = ("SELECT id, prefix, description, price_per_minute, connection_fee, first_increment,"
+SELECT_RATES = ("SELECT id, prefix, description, price_per_minute, connection_fee, first_increment,"
            " next_increment, free_seconds, call_class FROM rates")
-FIND_SQL = (f"{_SELECT} WHERE rate_table_id = $1 AND prefix = ANY ($2::text[])"
+FIND_SQL = (f"{SELECT_RATES} WHERE rate_table_id = $1 AND prefix = ANY ($2::text[])"
             " AND (call_class IS NULL OR call_class = $3)"
             " ORDER BY length(prefix) DESC, call_class NULLS LAST LIMIT 1")
 # Writing 200,000 rows takes longer than the pool's per-statement default.

@@ -20,11 +20,16 @@ _PARTY = (
     " JOIN dealers d ON d.id = t.dealer_id")
 # The caller, with what an outbound call needs besides (its plans' rate tables, its node's
 # carrier) in the same round trip.
+# The rate tables come with the version of their rates (migration 0008), which the agent's
+# copies of them must match.
+_PLAN_RATES = ("LEFT JOIN LATERAL (SELECT rt.id, rt.rates_version FROM plans pl"
+               " JOIN rate_tables rt ON rt.id = pl.rate_table_id WHERE pl.id = p.{}) AS {} ON true")
 CALLER_SQL = (
-    "SELECT p.*, (SELECT rate_table_id FROM plans WHERE id = p.plan_id) AS plan_rate_table,"
-    " (SELECT rate_table_id FROM plans WHERE id = p.intl_plan_id) AS intl_rate_table,"
+    "SELECT p.*, pr.id AS plan_rate_table, pr.rates_version AS plan_rates_version,"
+    " ir.id AS intl_rate_table, ir.rates_version AS intl_rates_version,"
     " c.id AS carrier_id, c.tech_prefix AS carrier_prefix"
     f" FROM ({_PARTY} WHERE e.account_code = $1) AS p"
+    f" {_PLAN_RATES.format('plan_id', 'pr')} {_PLAN_RATES.format('intl_plan_id', 'ir')}"
     " LEFT JOIN LATERAL (SELECT id, tech_prefix FROM carriers WHERE node_id = p.node_id"
     " AND active ORDER BY priority, id LIMIT 1) AS c ON true")
 DID_SQL = f"{_PARTY} WHERE e.id = (SELECT extension_id FROM dids WHERE e164 = $1)"
@@ -58,28 +63,25 @@ class NoCredit(Exception):
 # The admission commits without waiting for its WAL to reach the disk, and so gives its
 # counters' locks back at once: every admission of the same dealers waits for them, and
 # waiting for the flush with them held made admissions queue one flush after another. The
-# decision is made durable before anyone hears of it by the next statement, a transaction
-# of its own that commits synchronously: the WAL is flushed in order, so past the
-# admission too, and many sessions' flushes share one write (group commit), none of them
-# holding a counter. (The set_config in FROM runs first and lasts to this statement's
-# commit.)
-ADMIT_SQL = ("SELECT admit_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-             " $15, $16, $17, $18)"
-             " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit")
-DURABLE_SQL = "SELECT pg_current_xact_id()"
+# decision is made durable before anyone hears of it by a transaction of its own that
+# commits synchronously, in the same CALL (migration 0008): the WAL is flushed in order, so
+# past the admission too, and many sessions' flushes share one write (group commit), none
+# of them holding a counter. It commits: never call it inside a transaction block.
+ADMIT_SQL = ("CALL admit_call_durably($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+             " $14, $15, $16, $17, $18)")
 
 
 async def admit(conn: asyncpg.Connection, v: dict[str, Any], lease: float) -> int | None:
     """Record the call, reserve its credit and take its slots, in one statement (see
-    migration 0006). Returns the seconds granted (None: not limited)."""
+    migrations 0006 and 0008), durable when it returns. Returns the seconds granted (None:
+    not limited)."""
     try:
-        grant = await conn.fetchval(
+        row = await conn.fetchrow(
             ADMIT_SQL, v["id"], v["node_id"], v["channel"], v["channel_name"], v["direction"],
             v["extension_id"], v["tenant_id"], v["dealer_path"], v["caller"], v["callee"],
             v["call_class"], v["carrier_id"], v["rate"], v["account_extension"], v["floor"],
             v["seconds"], v["amounts"], lease)
-        await conn.execute(DURABLE_SQL)
-        return grant
+        return None if row is None else row["p_grant"]
     except asyncpg.PostgresError as exc:
         state = getattr(exc, "sqlstate", None)
         if state == "PX001":
@@ -99,21 +101,22 @@ async def hold(conn: asyncpg.Connection, account_id: int, amount: Decimal) -> No
                        " WHERE id = $1", account_id, amount)
 
 
-async def answered(conn: asyncpg.Connection, call_id: UUID, callee_channel: str,
-                   lease: float) -> asyncpg.Record | None:
-    """Mark the call answered now; its granted time starts. Returns the seconds left.
+ANSWERED_SQL = ("SELECT id, granted_seconds FROM calls_answered($1::uuid[], $2::text[], $3),"
+                " (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit")
+
+
+async def answered(conn: asyncpg.Connection, answers: list[tuple[UUID, str]],
+                   lease: float) -> dict[UUID, int | None]:
+    """Mark calls answered now: their granted time starts. `answers`: (call id, the answering
+    channel). Returns the seconds granted to each call answered for the first time.
 
     Committed without waiting for the disk (one flush a call less): if PostgreSQL crashed
     within the WAL writer's delay, such a call would lose its answer time, so it would not
     be extended and the node would end it at its first grant, which it enforces itself; its
     CDR still bills the time it talked."""
-    return await conn.fetchrow(
-        "UPDATE calls SET answered_at = now(), callee_channel = $2,"
-        " granted_until = now() + make_interval(secs => granted_seconds),"
-        " lease_until = greatest(lease_until, now() + make_interval(secs => $3))"
-        " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
-        " WHERE id = $1 AND answered_at IS NULL RETURNING granted_seconds", call_id,
-        callee_channel, lease)
+    rows = await conn.fetch(ANSWERED_SQL, [a[0] for a in answers], [a[1] for a in answers],
+                            lease)
+    return {row["id"]: row["granted_seconds"] for row in rows}
 
 
 DUE_SQL = (

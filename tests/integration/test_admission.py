@@ -225,3 +225,26 @@ async def test_admission_leaves_the_session_committing_synchronously(api: Api, d
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
         assert await conn.fetchval("SELECT count(*) FROM calls WHERE id = $1",
                                    decision.call_id) == 1
+
+
+async def test_answers_arriving_together_are_recorded_together(api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    admission = Admission(db)
+    decisions = [await admission.decide(request(node_id, exts[n], n)) for n in range(6)]
+    assert all(d.admitted and d.grant for d in decisions)
+    grants = await asyncio.gather(*(admission.answer(d.call_id, f"PJSIP/carrier-{n:08x}")
+                                    for n, d in enumerate(decisions)))
+    assert grants == [d.grant for d in decisions]
+    # all six arrived before the first statement left: one statement for them all
+    assert admission._answers.flushes == 1
+    rows = await db.fetch("SELECT id, callee_channel, answered_at, granted_until - answered_at"
+                          " AS granted FROM calls")
+    by_id = {r["id"]: r for r in rows}
+    for n, d in enumerate(decisions):
+        row = by_id[d.call_id]
+        assert row["callee_channel"] == f"PJSIP/carrier-{n:08x}"
+        assert row["granted"] == timedelta(seconds=d.grant)
+    # a second answer of the same call changes nothing and grants nothing
+    assert await admission.answer(decisions[0].call_id, "PJSIP/other") is None
+    assert await db.fetchval("SELECT callee_channel FROM calls WHERE id = $1",
+                             decisions[0].call_id) == "PJSIP/carrier-00000000"

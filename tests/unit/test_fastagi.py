@@ -138,3 +138,23 @@ def test_pack_refuses_function_names_and_dialplan_syntax():
     assert pack({"TIMEOUT(absolute)": "5"}) is None
     assert pack({"PBX_A": "${SHELL(id)}"}) is None
     assert pack({"PBX_A": "x)"}) is None
+
+
+def test_the_exchange_works_on_uvloop_as_the_agent_runs_it():
+    """`pbxctl agent` runs on uvloop, whose transports are not asyncio's classes."""
+    from controlplane.eventloop import run_loop
+
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {"PBX_DECISION": "admit", "PBX_TARGET": req.args[0]}
+
+    async def exchange() -> tuple[str, list[str]]:
+        server, port = await serve(admit)
+        try:
+            commands, _ = await ask(port, "admit", "100002")
+        finally:
+            await server.close()
+        return type(asyncio.get_running_loop()).__module__, commands
+
+    loop_module, commands = run_loop("uvloop", exchange())
+    assert loop_module.startswith("uvloop")
+    assert commands == ['SET VARIABLE PBX_R "PBX_DECISION,PBX_TARGET|admit,100002"']

@@ -1,0 +1,73 @@
+-- Fewer round trips per call.
+--
+-- admit_call_durably: the admission (0006) and its durability barrier in one CALL. The
+-- admission commits without waiting for its WAL to reach the disk, so that the counters'
+-- locks go back at once; then a transaction of its own with a transaction id commits
+-- synchronously as the CALL ends, which flushes the WAL past the admission before the
+-- agent hears the answer. Call it outside any transaction block (it commits).
+CREATE PROCEDURE admit_call_durably(p_id uuid, p_node bigint, p_channel text,
+                                    p_channel_name text, p_direction text, p_extension bigint,
+                                    p_tenant bigint, p_path bigint[], p_caller text,
+                                    p_callee text, p_class text, p_carrier bigint,
+                                    p_rate jsonb, p_account_extension bigint, p_floor numeric,
+                                    p_seconds integer[], p_amounts numeric[],
+                                    p_lease double precision, INOUT p_grant integer DEFAULT NULL)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    p_grant := admit_call(p_id, p_node, p_channel, p_channel_name, p_direction, p_extension,
+                          p_tenant, p_path, p_caller, p_callee, p_class, p_carrier, p_rate,
+                          p_account_extension, p_floor, p_seconds, p_amounts, p_lease);
+    COMMIT;
+    PERFORM pg_current_xact_id();
+END $$;
+
+-- Agents keep rate tables in memory; every change to a table's rates moves its version,
+-- which the caller's query returns with the table, so a cached copy is never used stale.
+CREATE SEQUENCE rate_table_versions;
+ALTER TABLE rate_tables ADD COLUMN rates_version bigint NOT NULL
+    DEFAULT nextval('rate_table_versions');
+
+CREATE FUNCTION rates_touch_tables() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        UPDATE rate_tables SET rates_version = nextval('rate_table_versions')
+         WHERE id IN (SELECT DISTINCT rate_table_id FROM old_rates);
+    ELSE
+        UPDATE rate_tables SET rates_version = nextval('rate_table_versions')
+         WHERE id IN (SELECT DISTINCT rate_table_id FROM new_rates);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER rates_touch_after_insert AFTER INSERT ON rates
+    REFERENCING NEW TABLE AS new_rates FOR EACH STATEMENT EXECUTE FUNCTION rates_touch_tables();
+CREATE TRIGGER rates_touch_after_update AFTER UPDATE ON rates
+    REFERENCING NEW TABLE AS new_rates FOR EACH STATEMENT EXECUTE FUNCTION rates_touch_tables();
+CREATE TRIGGER rates_touch_after_delete AFTER DELETE ON rates
+    REFERENCING OLD TABLE AS old_rates FOR EACH STATEMENT EXECUTE FUNCTION rates_touch_tables();
+
+-- Answers recorded together: one statement for every call answered while the previous
+-- one ran. Committed without waiting for the disk (see store/calls.py, answered).
+CREATE FUNCTION calls_answered(p_ids uuid[], p_channels text[], p_lease double precision)
+RETURNS TABLE (id uuid, granted_seconds integer)
+-- a few rows by their key: never a scan of the table, whatever its statistics say (a
+-- generic plan of a join with unnest hashed the array and read every call in progress)
+SET enable_seqscan = off
+LANGUAGE sql AS $$
+    UPDATE calls c SET answered_at = now(),
+           callee_channel = p_channels[array_position(p_ids, c.id)],
+           granted_until = now() + make_interval(secs => c.granted_seconds),
+           lease_until = greatest(c.lease_until, now() + make_interval(secs => p_lease))
+     WHERE c.id = ANY (p_ids) AND c.answered_at IS NULL
+    RETURNING c.id, c.granted_seconds;
+$$;
+
+-- A call's row changes several times while it lasts (answered, extended, its lease renewed
+-- every few seconds). None of those columns is indexed any more, and pages keep room, so
+-- each change is a heap-only update instead of an insertion into every index of the table:
+-- the lease index served only the sweep, which now reads the live calls (a small table)
+-- in full; calls_node is the leading column of calls_channel.
+DROP INDEX calls_lease;
+DROP INDEX calls_node;
+ALTER TABLE calls SET (fillfactor = 50);
