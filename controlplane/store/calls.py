@@ -184,6 +184,18 @@ async def settle_call(conn: asyncpg.Connection, call_id: UUID | None, granted: i
     return str(row["outcome"]), bool(row["stored"])
 
 
+SETTLE_MANY_SQL = "SELECT ord, outcome, stored FROM settle_calls($1::jsonb) ORDER BY ord"
+
+
+async def settle_calls(conn: asyncpg.Connection, items: list[dict[str, Any]]
+                       ) -> list[tuple[str, bool]]:
+    """settle_call for many CDRs in one statement (migration 0009): `items` as
+    {"call", "granted", "price", "cdr", "account_code"}; (outcome, stored) for each, in order.
+    The credit accounts and call counters the batch touches are updated once each, last."""
+    rows = await conn.fetch(SETTLE_MANY_SQL, items)
+    return [(str(row["outcome"]), bool(row["stored"])) for row in rows]
+
+
 async def calls_by_id(conn: asyncpg.Connection, ids: list[UUID]) -> dict[UUID, asyncpg.Record]:
     rows = await conn.fetch("SELECT * FROM calls WHERE id = ANY ($1::uuid[])", ids)
     return {row["id"]: row for row in rows}

@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from controlplane.calls import lifecycle
+from controlplane.calls import cdr_file, lifecycle
 from controlplane.calls.admission import Admission, CallRequest
 from controlplane.calls.cdr_file import CdrLine
 from controlplane.store import calls as calls_store
@@ -248,3 +248,58 @@ async def test_answers_arriving_together_are_recorded_together(api: Api, db: asy
     assert await admission.answer(decisions[0].call_id, "PJSIP/other") is None
     assert await db.fetchval("SELECT callee_channel FROM calls WHERE id = $1",
                              decisions[0].call_id) == "PJSIP/carrier-00000000"
+
+
+def file_line(decision, req: CallRequest, talk: float, *, sequence: int = 0) -> str:
+    """A line of the node's CDR file (asterisk-conf/cdr_custom.conf) for `decision`."""
+    line = cdr_line(decision, req, talk, sequence=sequence)
+    fields = {"uniqueid": line.uniqueid, "sequence": str(sequence),
+              "call": str(decision.call_id), "start": f"{line.started_at.timestamp():.6f}",
+              "answer": f"{line.answered_at.timestamp():.6f}" if line.answered_at else "0",
+              "end": f"{line.ended_at.timestamp():.6f}", "duration": str(int(line.duration)),
+              "billsec": str(int(talk)), "disposition": line.disposition, "src": line.src,
+              "dst": line.dst, "reason": "", "sip_code": "", "tenant": str(req.tenant_id),
+              "accountcode": req.caller, "direction": "outbound"}
+    return ",".join(f'"{fields[c]}"' for c in cdr_file.COLUMNS) + "\n"
+
+
+async def test_one_import_settles_many_calls_on_one_balance_exactly(
+        api: Api, db: asyncpg.Pool, tmp_path):
+    # a shared balance of 20.00 at 6.00 a minute in 6-second blocks (0.60 a block)
+    node_id, dist, exts = await setup(api, dealer_calls=50, credit="20.00", shared=True)
+    admission = Admission(db, ahead=6)
+    reqs = [request(node_id, exts[n % 20], n) for n in range(8)]
+    decisions = [await admission.decide(r) for r in reqs]
+    assert all(d.admitted for d in decisions)
+    for d in decisions:
+        await admission.answer(d.call_id, "PJSIP/carrier")
+    # one call was granted more after it was read: the batch prices it again
+    await db.execute("UPDATE calls SET granted_seconds = 12 WHERE id = $1", decisions[1].call_id)
+    talks = [3.0, 6.4, 7.0, 0.0, 12.0, 1.0, 5.0, 6.0]
+    text = "".join(file_line(d, r, t) for d, r, t in zip(decisions, reqs, talks, strict=True))
+    # the first call rang two devices: a second line, which must not be charged again
+    text += file_line(decisions[0], reqs[0], 2.0, sequence=1)
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_text(text)
+    assert await lifecycle.import_file(db, node_id, path) == 8
+    assert await lifecycle.import_file(db, node_id, path) == 0  # nothing new: nothing done
+    # blocks: 1 + 2 (6.4 s of a 12 s grant) + 1 (7 s of a 6 s grant: the cut's tolerance)
+    # + 0 + 2 + 1 + 1 + 1 = 9 -> 5.40
+    account = await db.fetchrow("SELECT id, balance, reserved FROM credit_accounts"
+                                " WHERE extension_id IS NULL")
+    assert (account["balance"], account["reserved"]) == (Decimal("14.6000"), 0)
+    moves = await db.fetch("SELECT amount, balance FROM credit_movements WHERE reason = 'call'"
+                           " AND account_id = $1 ORDER BY id", account["id"])
+    assert len(moves) == 7 and sum(m["amount"] for m in moves) == Decimal("-5.40")
+    # each movement carries the balance right after it
+    running = Decimal("20.00")
+    for m in moves:
+        running += m["amount"]
+        assert m["balance"] == running
+    cdrs = await db.fetch("SELECT call_id, price FROM cdrs ORDER BY id")
+    assert len(cdrs) == 8 and len({c["call_id"] for c in cdrs}) == 8
+    assert {c["call_id"]: c["price"] for c in cdrs}[decisions[1].call_id] == Decimal("1.2000")
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+    assert await db.fetch("SELECT kind, active FROM call_counters WHERE active <> 0") == []
+    assert await db.fetchval("SELECT active FROM call_counters WHERE kind = 'd' AND id = $1",
+                             dist["id"]) == 0
