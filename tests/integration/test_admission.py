@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+import pytest
 
 from controlplane.calls import cdr_file, lifecycle
 from controlplane.calls.admission import Admission, CallRequest
@@ -303,3 +304,15 @@ async def test_one_import_settles_many_calls_on_one_balance_exactly(
     assert await db.fetch("SELECT kind, active FROM call_counters WHERE active <> 0") == []
     assert await db.fetchval("SELECT active FROM call_counters WHERE kind = 'd' AND id = $1",
                              dist["id"]) == 0
+
+
+async def test_a_node_with_calls_in_progress_cannot_be_deleted(api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    decision = await Admission(db).decide(request(node_id, exts[0], 1))
+    assert decision.admitted
+    with pytest.raises(asyncpg.RestrictViolationError, match="calls in progress"):
+        await db.execute("DELETE FROM nodes WHERE id = $1", node_id)
+    await db.execute("DELETE FROM calls")
+    # without calls, the node's other objects are what still hold it
+    with pytest.raises(asyncpg.RestrictViolationError, match="dealers_node_id_fkey"):
+        await db.execute("DELETE FROM nodes WHERE id = $1", node_id)

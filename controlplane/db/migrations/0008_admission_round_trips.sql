@@ -71,3 +71,25 @@ $$;
 DROP INDEX calls_lease;
 DROP INDEX calls_node;
 ALTER TABLE calls SET (fillfactor = 50);
+
+-- A call's node was checked by a foreign key on every admission: a KEY SHARE lock on the
+-- node's row that every concurrent admission of the node also holds, which PostgreSQL
+-- records as a multixact, over and over. The node's agent only ever admits calls for its
+-- own node; deleting a node that still has calls is refused here instead, as the key did.
+ALTER TABLE calls DROP CONSTRAINT calls_node_id_fkey;
+CREATE FUNCTION nodes_keep_calls() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM calls WHERE node_id = OLD.id) THEN
+        RAISE EXCEPTION 'node % still has calls in progress', OLD.id
+            USING ERRCODE = 'restrict_violation';
+    END IF;
+    RETURN OLD;
+END $$;
+CREATE TRIGGER nodes_keep_calls BEFORE DELETE ON nodes
+    FOR EACH ROW EXECUTE FUNCTION nodes_keep_calls();
+
+-- Calls come and go hundreds of times a second: their dealer index takes each insertion at
+-- once, rather than in a pending list that some insertion then has to merge (a stall).
+ALTER INDEX calls_dealers SET (fastupdate = off);
+ALTER INDEX cdrs_dealers SET (fastupdate = off);
