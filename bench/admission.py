@@ -24,7 +24,7 @@ What it does, end to end, cleaning up whatever it started even on failure:
      7 + the same 8-digit number and go to `bench-bypass`, a copy of `pbx-call` (taken from
      asterisk-conf/extensions.conf at run time) in which the AGI line is replaced by the
      decision admission would have given (the same carrier target, the same 60 s grant,
-     no call id so `pbx-answered` asks nothing). Everything else is identical: phones,
+     no call id so `pbx-answered` raises no event). Everything else is identical: phones,
      endpoints, digest authentication, transport, tenant context, CDR variables, Dial, the
      carrier, the node's CDR file and its import by the agent.
   4. (1) For each rate in --rates, both paths (alternating which goes first): a SIPp UAS as
@@ -34,9 +34,11 @@ What it does, end to end, cleaning up whatever it started even on failure:
      A path stops climbing after a rate at which more than 1 % of its calls failed.
   5. (2) FastAGI directly: a small client speaking the protocol (agi_* environment, blank
      line, answers `200 result=1` to each SET VARIABLE) places calls at each of --agi-rates
-     (calls/s) for --agi-seconds: `admit` (timed from connect to close), `answer` at once,
-     and after --hold the call's CDR line appended to the node's CDR file, as Asterisk
-     writes it, so the agent settles every call as on a real node. The target is judged
+     (calls/s) for --agi-seconds: `admit` (timed from connect to close), the answer at
+     once (the UserEvent PbxAnswered `pbx-answered` raises, sent through the node's AMI so
+     that the agent hears it from Asterisk), and after --hold the call's CDR line appended
+     to the node's CDR file, as Asterisk writes it, so the agent settles every call as on a
+     real node. The target is judged
      at the last rate (500/s).
   6. (3) The agent stops; --memory-extensions extensions are inserted by SQL (statements of
      500 rows, every trigger runs) into 20 more tenants; RSS of the API idle, then while it
@@ -92,6 +94,7 @@ from bench.common import (  # noqa: E402
     cpu_seconds,
     free_port,
     host_cpu,
+    host_steal,
     log,
     pct,
     stop_process,
@@ -185,6 +188,7 @@ def agent_child(timings: Path, cli_args: list[str]) -> None:
     timed(call_store, "admit", "admit_sql")
     timed(call_store, "caller", "caller_sql")
     timed(call_store, "settle_calls", "settle_sql")
+    timed(admission.Admission, "answer", "answer")  # the answer event, until recorded
     timed(lifecycle, "_settle_lines", "finish")
 
     run = node_control.CallControl.run
@@ -267,7 +271,8 @@ class Stack:
                 "pg": tree_cpu(self.postmaster),
                 "api": cpu_seconds(self.api.pid if self.api else None),
                 "uac": cpu_seconds(uac), "uas": cpu_seconds(uas),
-                "bench": me.ru_utime + me.ru_stime, "busy": busy, "total": total}
+                "bench": me.ru_utime + me.ru_stime, "busy": busy, "total": total,
+                "steal": host_steal()}
 
     @staticmethod
     def cpu_used(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
@@ -278,6 +283,8 @@ class Stack:
         out["host"] = 100.0 * (os.cpu_count() or 1) * (b["busy"] - a["busy"]) / max(
             1.0, b["total"] - a["total"])
         out["other"] = max(0.0, out["host"] - sum(out[k] for k in CPU_ROLES))
+        out["steal"] = 100.0 * (os.cpu_count() or 1) * (b["steal"] - a["steal"]) / max(
+            1.0, b["total"] - a["total"])
         return out
 
     async def reap_sipps(self) -> None:
@@ -919,6 +926,43 @@ class AgiClient:
         return ended - t0, variables
 
 
+class AmiAnswers:
+    """Raises the dialplan's answer event (UserEvent PbxAnswered, as `pbx-answered` does) on
+    the node through its AMI, so the agent hears of each answer as on a real call."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.writer: asyncio.StreamWriter | None = None
+        self.drain: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(self.node.address, self.node.ami_port), 10)
+        await asyncio.wait_for(reader.readline(), 10)  # the banner
+        self.writer.write(f"Action: Login\r\nUsername: {self.node.ami_user}\r\n"
+                          f"Secret: {self.node.ami_secret}\r\nEvents: off\r\n\r\n".encode())
+        reply = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        if b"Success" not in reply:
+            raise BenchError(f"the node's AMI refused the login: {reply[:200]!r}")
+
+        async def discard() -> None:  # replies to the actions, read and dropped
+            while await reader.read(65536):
+                pass
+
+        self.drain = asyncio.create_task(discard())
+
+    def answered(self, call_id: str, channel: str) -> None:
+        assert self.writer is not None
+        self.writer.write(f"Action: UserEvent\r\nUserEvent: PbxAnswered\r\nPbxCall: {call_id}"
+                          f"\r\nPbxChannel: {channel}\r\n\r\n".encode())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.drain is not None:
+            self.drain.cancel()
+
+
 @dataclass
 class AgiRun:
     label: str
@@ -929,7 +973,6 @@ class AgiRun:
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     admit: list[float] = field(default_factory=list)     # client: connect to close, s
-    answer: list[float] = field(default_factory=list)
     late: list[float] = field(default_factory=list)      # the pacer's own lateness, s
     timings: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
@@ -976,10 +1019,7 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
                 return
             run.admitted += 1
             call_id = v["PBX_CALL"]
-            took, _ = await client.request("answer", [call_id],
-                                           f"PJSIP/carrier-{world.carrier}-{i:08x}",
-                                           f"{uniqueid}b", caller.number)
-            run.answer.append(took)
+            answers.answered(call_id, f"PJSIP/carrier-{world.carrier}-{i:08x}")
             answered = time.time()
             await asyncio.sleep(args.hold)
             cdr.write(cdr_line(uniqueid, call_id, start, answered, time.time(), "ANSWERED",
@@ -1001,6 +1041,8 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
                 run.waits[row["w"]] += 1
             await asyncio.sleep(0.02)
 
+    answers = AmiAnswers(stack.node)
+    await answers.open()
     sampler = asyncio.create_task(sample_waits())
     cpu0 = stack.cpu_sample()
     t0 = loop.time()
@@ -1025,6 +1067,7 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
         for task in tasks:
             task.cancel()
         cdr.close()
+        answers.close()
     run.cpu = Stack.cpu_used(cpu0, cpu1)
     run.drained, run.leftover = await quiesce(stack, conn, world.node_id, args.drain_within)
     if instrumented:
@@ -1281,7 +1324,7 @@ def build_report(r: Report) -> str:
         if adm_runs:
             out += ["", "  in the agent, admission path (ms: p50 / p99 / max):",
                     "    rate   decide (Admission.decide)   FastAGI admit, server   "
-                    "FastAGI answer, server   event-loop lag"]
+                    "answer recorded          event-loop lag"]
 
             def trio(v: list[float]) -> str:
                 ms = [1000 * x for x in v]
@@ -1293,7 +1336,7 @@ def build_report(r: Report) -> str:
                 t = run.timings
                 out.append(f"    {run.rate:4d}   {trio(t.get('decide', []))}      "
                            f"{trio(t.get('serve_admit', []))}  "
-                           f"{trio(t.get('serve_answer', []))}   {trio(t.get('lag', []))}")
+                           f"{trio(t.get('answer', []))}   {trio(t.get('lag', []))}")
         by_rate: dict[int, dict[str, CallRun]] = collections.defaultdict(dict)
         for run in r.runs:
             by_rate[run.rate][run.path] = run
@@ -1354,13 +1397,13 @@ def build_report(r: Report) -> str:
             f"  pool acquire (every use in the agent)  {ms_row(t.get('acquire', []))}",
             f"  settlement of a batch of CDR lines     {ms_row(t.get('finish', []))}",
             f"    settle_calls statement               {ms_row(t.get('settle_sql', []))}",
-            f"  answer, client: connect to close       {ms_row(g.answer)}",
-            f"  answer, server: accept to close        {ms_row(t.get('serve_answer', []))}",
+            f"  answer recorded (AMI event to database){ms_row(t.get('answer', []))}",
             f"  agent event-loop lag (10 ms ticks)     {ms_row(t.get('lag', []))}",
             f"  pacer lateness (this process)          {ms_row(g.late)}",
             f"  cpu (% of one core): agent {g.cpu['agent']:.0f}, pg {g.cpu['pg']:.0f}, "
             f"bench {g.cpu['bench']:.0f}, asterisk {g.cpu['asterisk']:.0f}, everything "
-            f"else on the machine {g.cpu['other']:.0f}"
+            f"else on the machine {g.cpu['other']:.0f} (of which taken by the hypervisor: "
+            f"{g.cpu.get('steal', 0):.0f})"
             + ("" if g.drained else f"; NOT drained: {g.leftover}"),
             "  PostgreSQL sessions sampled every 20 ms (share of samples, active ones): "
             + (", ".join(f"{k} {100 * v / max(1, sum(g.waits.values())):.0f}%"

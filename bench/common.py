@@ -86,10 +86,20 @@ def tree_used(a: dict[int, float], b: dict[int, float]) -> float:
 
 
 def host_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    """(busy, total) jiffies of the whole machine. Busy includes steal: time the hypervisor
+    gave this machine's CPUs to others (host_steal)."""
+    values = _cpu_line()
     idle = values[3] + values[4]
     return float(sum(values) - idle), float(sum(values))
+
+
+def host_steal() -> float:
+    """Jiffies the hypervisor took from this machine's CPUs."""
+    return float(_cpu_line()[7])
+
+
+def _cpu_line() -> list[int]:
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
 # -- py-spy -----------------------------------------------------------------------------------

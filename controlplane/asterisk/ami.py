@@ -46,11 +46,12 @@ class _Manager(Manager):  # type: ignore[misc]
         self._on_lost(exc)
 
 
-# The event classes a session asks for. The agent listens to ContactStatus (class system);
-# every call raises dozens of call and dialplan events (Newchannel, Newexten, VarSet...),
-# and with "on" a node at 100 calls/s kept the agent's event loop half busy parsing them.
-# Replies to actions (their event lists included) come whatever the classes.
-EVENT_CLASSES = "system"
+# The event classes a session asks for. The agent listens to ContactStatus (class system)
+# and to the dialplan's UserEvent PbxAnswered (class user); every call raises dozens of
+# call and dialplan events (Newchannel, Newexten, VarSet...), and with "on" a node at 100
+# calls/s kept the agent's event loop half busy parsing them. Replies to actions (their
+# event lists included) come whatever the classes.
+EVENT_CLASSES = "system,user"
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Call control for one node, run beside its provisioning agent.
 
-- A FastAGI server answers the node's dialplan: `admit` on every call, `answer` when the
-  callee picks up (the granted time starts then; Asterisk itself ends the call when it
-  runs out: TIMEOUT(absolute) on the answering channel).
+- A FastAGI server answers the node's dialplan: `admit` on every call. When the callee
+  picks up, the dialplan raises the AMI UserEvent PbxAnswered and the granted time starts
+  (Asterisk itself ends the call when it runs out: TIMEOUT(absolute) on the answering
+  channel). The FastAGI script `answer` does the same for dialplans of earlier releases.
 - Every `tick`, answered calls whose granted time ends within `lead` get the next interval
   reserved and their end moved (AMI Setvar); with no credit left nothing is moved and the
   node cuts the call on time even if this process is gone.
@@ -90,12 +91,14 @@ class CallControl:
         self.hangups: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.decisions = 0
         self.cdrs_imported = 0
+        self._answering: set[asyncio.Task[None]] = set()
 
     # -- life ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         port = await self.agi.start(self.config.agi_host, self.config.agi_port)
         self.agi_url = f"agi://{self.config.agi_advertise or self.config.agi_host}:{port}"
         log.info("node %s: FastAGI admission at %s", self.node_name, self.agi_url)
+        self.ami.on_event("UserEvent", self._on_user_event)
         self.ami.on_login(self._after_login)
         if self.ami.connected.is_set():
             await self._after_login()
@@ -145,19 +148,30 @@ class CallControl:
         return {}
 
     async def _answer(self, req: AgiRequest) -> Mapping[str, str]:
+        grant = await self._record_answer(req.args[0] if req.args else "", req.channel)
+        return {} if grant is None else {"TIMEOUT(absolute)": f"{grant:.3f}"}
+
+    def _on_user_event(self, manager: Any, event: Any) -> None:
+        if event.get("UserEvent") != "PbxAnswered":
+            return
+        task = asyncio.ensure_future(self._record_answer(event.get("PbxCall") or "",
+                                                         event.get("PbxChannel") or ""))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _record_answer(self, call: str, channel: str) -> int | None:
+        """The call was answered on `channel`: its granted time starts now. Returns the
+        seconds granted (None: unlimited, unknown, or already answered)."""
         try:
-            call_id = uuid.UUID(req.args[0]) if req.args else None
+            call_id = uuid.UUID(call)
         except ValueError:
-            call_id = None
-        if call_id is None:
-            return {}
+            return None
         try:
-            grant = await self.admission.answer(call_id, req.channel)
+            return await self.admission.answer(call_id, channel)
         except DB_ERRORS as exc:
             # The end set from the admission's grant stays: the call is still cut on time.
             log.warning("node %s: answer of %s not recorded (%s)", self.node_name, call_id, exc)
-            return {}
-        return {} if grant is None else {"TIMEOUT(absolute)": f"{grant:.3f}"}
+            return None
 
     # -- granted time ---------------------------------------------------------------------
     async def _extend_loop(self, stop: asyncio.Event) -> None:
