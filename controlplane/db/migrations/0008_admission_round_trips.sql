@@ -90,6 +90,7 @@ CREATE TRIGGER nodes_keep_calls BEFORE DELETE ON nodes
     FOR EACH ROW EXECUTE FUNCTION nodes_keep_calls();
 
 -- Calls come and go hundreds of times a second: their dealer index takes each insertion at
--- once, rather than in a pending list that some insertion then has to merge (a stall).
+-- once, rather than in a pending list that some admission then has to merge (a stall while
+-- it holds its account's lock). CDRs keep the pending list: they are written by the import,
+-- where merging in bulk costs less and delays no decision.
 ALTER INDEX calls_dealers SET (fastupdate = off);
-ALTER INDEX cdrs_dealers SET (fastupdate = off);
