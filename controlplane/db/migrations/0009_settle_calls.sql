@@ -8,89 +8,6 @@
 -- root first, then tenants, then extensions; accounts by id), so batches and admissions
 -- never wait on each other in a cycle.
 
--- The CDR insert of settle_call, shared: stores p_cdr with the tenant's facts filled in
--- (external reference, and the dealer chain unless given). Returns whether it was new.
-CREATE FUNCTION store_cdr(p_cdr jsonb, p_account_code text) RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_tenant bigint;
-    v_ref text;
-    v_path bigint[];
-BEGIN
-    v_tenant := (p_cdr->>'tenant_id')::bigint;
-    IF v_tenant IS NULL AND p_account_code <> '' THEN
-        SELECT tenant_id INTO v_tenant FROM extensions WHERE account_code = p_account_code;
-    END IF;
-    IF v_tenant IS NOT NULL THEN
-        SELECT t.external_ref, d.path INTO v_ref, v_path
-          FROM tenants t JOIN dealers d ON d.id = t.dealer_id WHERE t.id = v_tenant;
-        p_cdr := p_cdr || jsonb_build_object('tenant_id', v_tenant,
-                                             'external_ref', coalesce(v_ref, ''));
-        IF NOT p_cdr ? 'dealer_path' AND v_path IS NOT NULL THEN
-            p_cdr := p_cdr || jsonb_build_object('dealer_path', to_jsonb(v_path));
-        END IF;
-    END IF;
-    INSERT INTO cdrs (node_id, uniqueid, sequence, call_id, direction, tenant_id,
-                      extension_id, dealer_path, external_ref, caller, callee, call_class,
-                      carrier_id, started_at, answered_at, ended_at, duration,
-                      talk_seconds, billed_seconds, rate_prefix, price_per_minute, price,
-                      disposition, hangup_cause, refusal, sip_code)
-    SELECT r.node_id, r.uniqueid, r.sequence, r.call_id, r.direction, r.tenant_id,
-           r.extension_id, coalesce(r.dealer_path, '{}'), coalesce(r.external_ref, ''),
-           coalesce(r.caller, ''), coalesce(r.callee, ''), r.call_class, r.carrier_id,
-           r.started_at, r.answered_at, r.ended_at, r.duration, r.talk_seconds,
-           r.billed_seconds, r.rate_prefix, r.price_per_minute, r.price, r.disposition,
-           coalesce(r.hangup_cause, ''), r.refusal, r.sip_code
-      FROM jsonb_populate_record(NULL::cdrs, p_cdr) AS r
-    ON CONFLICT DO NOTHING;
-    RETURN FOUND;
-END $$;
-
-CREATE OR REPLACE FUNCTION settle_call(p_call uuid, p_granted integer, p_price numeric,
-                                       p_cdr jsonb, p_account_code text DEFAULT '',
-                                       p_lapsed_only boolean DEFAULT false,
-                                       OUT outcome text, OUT stored boolean)
-LANGUAGE plpgsql AS $$
-DECLARE
-    c calls%ROWTYPE;
-    new_balance numeric;
-BEGIN
-    stored := false;
-    IF p_call IS NOT NULL THEN
-        SELECT * INTO c FROM calls WHERE id = p_call FOR UPDATE;
-    END IF;
-    IF c.id IS NOT NULL THEN
-        IF c.granted_seconds IS DISTINCT FROM p_granted THEN
-            outcome := 'stale';
-            RETURN;
-        END IF;
-        IF p_lapsed_only AND c.lease_until >= now() THEN
-            outcome := 'renewed';
-            RETURN;
-        END IF;
-    END IF;
-    IF p_cdr IS NOT NULL THEN
-        stored := store_cdr(p_cdr, p_account_code);
-    END IF;
-    IF c.id IS NULL THEN
-        outcome := 'no_call';
-        RETURN;
-    END IF;
-    IF c.account_id IS NOT NULL THEN
-        UPDATE credit_accounts SET balance = balance - p_price, reserved = reserved - c.reserved,
-               updated_at = now()
-         WHERE id = c.account_id RETURNING balance INTO new_balance;
-        IF p_price <> 0 AND new_balance IS NOT NULL THEN
-            INSERT INTO credit_movements (account_id, amount, balance, reason, call_id)
-            VALUES (c.account_id, -p_price, new_balance, 'call', c.id);
-        END IF;
-    END IF;
-    DELETE FROM calls WHERE id = c.id;
-    -- the shared counters last, so their locks are held the shortest time
-    PERFORM release_call_slots(c.dealer_path, c.tenant_id, c.extension_id);
-    outcome := 'settled';
-END $$;
-
 -- p_items: [{"call": uuid or null, "granted": seconds or null, "price": "0.1234",
 --            "cdr": {...} or null, "account_code": "..."}, ...]
 -- One row per item, in order (ord from 1): outcome and stored as settle_call's.
@@ -128,7 +45,10 @@ BEGIN
             CONTINUE;
         END IF;
         IF jsonb_typeof(item.v->'cdr') = 'object' THEN
-            stored := store_cdr(item.v->'cdr', coalesce(item.v->>'account_code', ''));
+            -- settle_call without a call stores the CDR only, with the tenant's facts
+            SELECT s.stored INTO stored
+              FROM settle_call(NULL, NULL, 0, item.v->'cdr',
+                               coalesce(item.v->>'account_code', '')) AS s;
         END IF;
         IF c.id IS NULL THEN
             outcome := 'no_call';
