@@ -156,9 +156,11 @@ async def mark_exhausted(conn: asyncpg.Connection, call_id: UUID) -> None:
 
 async def renew_leases(conn: asyncpg.Connection, node_id: int, channels: list[str],
                        lease: float) -> int:
+    # rows locked in id order, as answers and settlements lock them: no deadlock between them
     status = await conn.execute(
         "UPDATE calls SET lease_until = greatest(lease_until, now() + make_interval(secs => $3))"
-        " WHERE node_id = $1 AND channel = ANY ($2::text[])", node_id, channels, lease)
+        " WHERE id IN (SELECT id FROM calls WHERE node_id = $1 AND channel = ANY ($2::text[])"
+        " ORDER BY id FOR UPDATE)", node_id, channels, lease)
     return int(status.split()[-1])
 
 

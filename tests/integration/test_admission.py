@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -316,3 +317,45 @@ async def test_a_node_with_calls_in_progress_cannot_be_deleted(api: Api, db: asy
     # without calls, the node's other objects are what still hold it
     with pytest.raises(asyncpg.RestrictViolationError, match="dealers_node_id_fkey"):
         await db.execute("DELETE FROM nodes WHERE id = $1", node_id)
+
+
+async def test_answers_lease_renewals_and_settlements_never_deadlock(
+        api: Api, db: asyncpg.Pool, tmp_path):
+    """Each of them changes many calls in one statement; they lock in one order (by id)."""
+    node_id, dist, exts = await setup(api, dealer_calls=500, credit="1000.00")
+    admission = Admission(db)
+    reqs = [request(node_id, exts[n % 20], n) for n in range(120)]
+    decisions = await asyncio.gather(*(admission.decide(r) for r in reqs))
+    assert all(d.admitted for d in decisions)
+    pairs = list(zip(decisions, reqs, strict=True))
+    rng = random.Random(7)
+
+    async def renew() -> None:
+        for _ in range(40):
+            channels = [r.channel for r in reqs]
+            rng.shuffle(channels)  # the node lists its channels in its own order
+            async with db.acquire() as conn:
+                await calls_store.renew_leases(conn, node_id, channels, 30.0)
+
+    async def answer() -> None:
+        order = pairs[:]
+        rng.shuffle(order)
+        for at in range(0, len(order), 15):
+            async with db.acquire() as conn:
+                await calls_store.answered(
+                    conn, [(d.call_id, f"PJSIP/c-{n}") for n, (d, _) in
+                           enumerate(order[at:at + 15])], 30.0)
+
+    async def settle() -> None:
+        order = pairs[:]
+        rng.shuffle(order)
+        for at in range(0, len(order), 20):
+            async with db.acquire() as conn:
+                await lifecycle._settle_lines(
+                    conn, node_id, [cdr_line(d, r, 3.0) for d, r in order[at:at + 20]])
+
+    await asyncio.gather(renew(), renew(), answer(), settle())
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+    assert await db.fetchval("SELECT count(*) FROM cdrs") == 120
+    assert await db.fetchval("SELECT active FROM call_counters WHERE kind = 'd' AND id = $1",
+                             dist["id"]) == 0

@@ -55,11 +55,15 @@ RETURNS TABLE (id uuid, granted_seconds integer)
 -- generic plan of a join with unnest hashed the array and read every call in progress)
 SET enable_seqscan = off
 LANGUAGE sql AS $$
+    -- rows locked in id order, as every statement changing several calls does (lease
+    -- renewals, settlements): two of them never wait on each other in a cycle
     UPDATE calls c SET answered_at = now(),
            callee_channel = p_channels[array_position(p_ids, c.id)],
            granted_until = now() + make_interval(secs => c.granted_seconds),
            lease_until = greatest(c.lease_until, now() + make_interval(secs => p_lease))
-     WHERE c.id = ANY (p_ids) AND c.answered_at IS NULL
+     WHERE c.id IN (SELECT l.id FROM calls l WHERE l.id = ANY (p_ids) AND l.answered_at IS NULL
+                     ORDER BY l.id FOR UPDATE)
+       AND c.answered_at IS NULL
     RETURNING c.id, c.granted_seconds;
 $$;
 

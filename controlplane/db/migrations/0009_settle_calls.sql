@@ -10,7 +10,7 @@
 
 -- p_items: [{"call": uuid or null, "granted": seconds or null, "price": "0.1234",
 --            "cdr": {...} or null, "account_code": "..."}, ...]
--- One row per item, in order (ord from 1): outcome and stored as settle_call's.
+-- One row per item (ord: its place in p_items, from 1): outcome and stored as settle_call's.
 CREATE FUNCTION settle_calls(p_items jsonb)
 RETURNS TABLE (ord integer, outcome text, stored boolean)
 LANGUAGE plpgsql AS $$
@@ -30,8 +30,11 @@ DECLARE
     level record;
     new_balance numeric;
 BEGIN
+    -- calls locked in id order, as every statement changing several calls does (lease
+    -- renewals, answers): two of them never wait on each other in a cycle
     FOR item IN SELECT e.value AS v, e.ordinality::integer AS i
-                  FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e LOOP
+                  FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e
+                 ORDER BY (e.value->>'call')::uuid NULLS LAST, e.ordinality LOOP
         ord := item.i;
         stored := false;
         c := NULL;
