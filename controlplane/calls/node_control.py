@@ -22,6 +22,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer
 from controlplane.calls import credit, lifecycle
 from controlplane.calls.admission import Admission, CallRequest, Decision, unavailable
 from controlplane.db.listen import listen_forever
+from controlplane.store import calls as store
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,48 @@ class CallControl:
                             ("PBX_ADMISSION_FAIL", self.config.fail_policy)):
             await self.ami.action({"Action": "Setvar", "Variable": name, "Value": value})
         self.carriers_dirty.set()
+        task = asyncio.ensure_future(self.resync_answers())
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def resync_answers(self) -> int:
+        """Answers the node raised while this agent was not listening (its AMI link down,
+        or itself restarting) are not lost: for every call of the node with a grant and no
+        answer, the caller's channel says whether and when it was answered (its CDR's
+        answer time) and by whom (BRIDGEPEER). Returns the answers recovered."""
+        try:
+            async with self.pool.acquire() as conn:
+                calls = await conn.fetch(store.UNANSWERED_SQL, self.node_id)
+        except DB_ERRORS as exc:
+            log.warning("node %s: answers not resynchronised (%s)", self.node_name, exc)
+            return 0
+        recovered = 0
+        for call in calls:
+            try:
+                answer = await self._channel_var(call["channel_name"], "CDR(answer,u)")
+                at = float(answer or 0)
+                if at <= 0:
+                    continue  # still ringing (its event will come), or gone (its CDR will)
+                peer = await self._channel_var(call["channel_name"], "BRIDGEPEER") or ""
+                async with self.pool.acquire() as conn:
+                    recovered += await store.answered_at(
+                        conn, call["id"], peer, datetime.fromtimestamp(at, UTC),
+                        self.config.lease)
+            except (AmiUnavailable, ValueError, OverflowError, *DB_ERRORS) as exc:
+                log.warning("node %s: answer of %s not resynchronised (%s)", self.node_name,
+                            call["id"], exc)
+        if recovered:
+            log.info("node %s: %d answers recovered after the AMI link came back",
+                     self.node_name, recovered)
+        return recovered
+
+    async def _channel_var(self, channel: str, name: str) -> str | None:
+        reply = await self.ami.action({"Action": "Getvar", "Channel": channel,
+                                       "Variable": name})
+        if not isinstance(reply, Mapping) or reply.get("Response") != "Success":
+            return None
+        value = reply.get("Value")
+        return None if value in (None, "", "(null)") else str(value)
 
     # -- FastAGI ------------------------------------------------------------------------
     async def _admit(self, req: AgiRequest) -> Mapping[str, str]:
@@ -208,7 +252,7 @@ class CallControl:
                 if self.ami.connected.is_set():
                     live = await self.channels()
                     async with self.pool.acquire() as conn:
-                        await lifecycle.store.renew_leases(conn, self.node_id, live,
+                        await store.renew_leases(conn, self.node_id, live,
                                                            self.config.lease)
                 await lifecycle.sweep(self.pool)
             except (AmiUnavailable, *DB_ERRORS) as exc:

@@ -3,6 +3,7 @@ steps, grants, leases, and the end of a call with its CDR."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -117,6 +118,22 @@ async def answered(conn: asyncpg.Connection, answers: list[tuple[UUID, str]],
     rows = await conn.fetch(ANSWERED_SQL, [a[0] for a in answers], [a[1] for a in answers],
                             lease)
     return {row["id"]: row["granted_seconds"] for row in rows}
+
+
+async def answered_at(conn: asyncpg.Connection, call_id: UUID, callee_channel: str,
+                      at: datetime, lease: float) -> bool:
+    """Mark a call answered at `at`, the node's own answer time (an answer learnt late: see
+    CallControl.resync_answers). Returns whether it was not known answered before."""
+    status = await conn.execute(
+        "UPDATE calls SET answered_at = $3::timestamptz, callee_channel = $2,"
+        " granted_until = $3::timestamptz + make_interval(secs => granted_seconds),"
+        " lease_until = greatest(lease_until, now() + make_interval(secs => $4))"
+        " WHERE id = $1 AND answered_at IS NULL", call_id, callee_channel, at, lease)
+    return status.endswith(" 1")
+
+
+UNANSWERED_SQL = ("SELECT id, channel_name FROM calls WHERE node_id = $1 AND answered_at IS NULL"
+                  " AND granted_seconds IS NOT NULL ORDER BY started_at")
 
 
 DUE_SQL = (

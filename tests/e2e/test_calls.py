@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -428,6 +429,48 @@ async def test_calls_and_cdrs_survive_the_agent_restarting(calls):
         await conn.execute("UPDATE cdr_import_state SET offset_ = 0")
     await asyncio.sleep(0.5)
     assert len(await calls.cdrs(extension_id=ext["id"])) == 1
+
+
+async def test_an_answer_raised_while_no_agent_listens_is_recovered(calls):
+    """The carrier answers while the agent is away, so nobody hears the answer's AMI event;
+    the restarted agent asks the node, and the call's granted time starts when it was
+    really answered (as the node's CDR says)."""
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "7201", plan_id=world["plan"]["id"])
+    await calls.settle()
+    carrier = asyncio.create_task(sipp("uas_answer_late.xml", None, ["carrier"], port=5060,
+                                       local_ip=CARRIER, calls=1, timeout=30,
+                                       extra=("-d", "4000")))
+    call = asyncio.create_task(place(phone, "33334444", hold_ms=4000, timeout=25))
+
+    async def ringing() -> bool:
+        items = await calls.live(extension_id=ext["id"])
+        return bool(items) and items[0]["state"] == "ringing"
+
+    await until(ringing, "the call to ring")
+    await calls.stop_agent(0)
+    await asyncio.sleep(5.0)  # the carrier answers 4 s after it started ringing
+    await calls.start_agent(0)
+
+    async def answered() -> bool:
+        items = await calls.live(extension_id=ext["id"])
+        return bool(items) and items[0]["state"] == "answered"
+
+    await until(answered, "the answer to be recovered", within=10)
+    [item] = await calls.live(extension_id=ext["id"])
+    assert (await call).ok, call.result().output
+    assert (await carrier).ok, carrier.result().output
+
+    async def billed() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(billed, "the CDR")
+    [cdr] = await calls.cdrs(extension_id=ext["id"])
+    recovered = datetime.fromisoformat(item["answered_at"])
+    assert abs((recovered - datetime.fromisoformat(cdr["answered_at"])).total_seconds()) < 0.5
+    assert item["granted_seconds"] == 60
 
 
 async def test_cdr_of_a_call_refused_while_no_agent_runs_arrives_later(calls):
