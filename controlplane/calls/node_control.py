@@ -4,6 +4,7 @@
   picks up, the dialplan raises the AMI UserEvent PbxAnswered and the granted time starts
   (Asterisk itself ends the call when it runs out: TIMEOUT(absolute) on the answering
   channel). The FastAGI script `answer` does the same for dialplans of earlier releases.
+  After every AMI login, answers raised while nobody listened are asked of the node.
 - Every `tick`, answered calls whose granted time ends within `lead` get the next interval
   reserved and their end moved (AMI Setvar); with no credit left nothing is moved and the
   node cuts the call on time even if this process is gone.
