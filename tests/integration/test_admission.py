@@ -337,22 +337,22 @@ async def test_answers_lease_renewals_and_settlements_never_deadlock(
             async with db.acquire() as conn:
                 await calls_store.renew_leases(conn, node_id, channels, 30.0)
 
-    async def answer() -> None:
+    def shuffled(size: int) -> list[list[tuple]]:
         order = pairs[:]
         rng.shuffle(order)
-        for at in range(0, len(order), 15):
+        return [order[at:at + size] for at in range(0, len(order), size)]
+
+    async def answer() -> None:
+        for part in shuffled(15):
             async with db.acquire() as conn:
                 await calls_store.answered(
-                    conn, [(d.call_id, f"PJSIP/c-{n}") for n, (d, _) in
-                           enumerate(order[at:at + 15])], 30.0)
+                    conn, [(d.call_id, f"PJSIP/c-{n}") for n, (d, _) in enumerate(part)], 30.0)
 
     async def settle() -> None:
-        order = pairs[:]
-        rng.shuffle(order)
-        for at in range(0, len(order), 20):
+        for part in shuffled(20):
             async with db.acquire() as conn:
-                await lifecycle._settle_lines(
-                    conn, node_id, [cdr_line(d, r, 3.0) for d, r in order[at:at + 20]])
+                await lifecycle._settle_lines(conn, node_id,
+                                              [cdr_line(d, r, 3.0) for d, r in part])
 
     await asyncio.gather(renew(), renew(), answer(), settle())
     assert await db.fetchval("SELECT count(*) FROM calls") == 0
