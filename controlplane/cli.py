@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any
 
-from controlplane.eventloop import CHOICES as LOOPS
+from controlplane.eventloop import check as check_loop
 from controlplane.eventloop import run_loop
 from controlplane.settings import Settings
 
@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env(**overrides)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.event_loop not in LOOPS:
-        sys.exit(f"PBX_EVENT_LOOP must be one of {', '.join(LOOPS)}, not {settings.event_loop!r}")
+    try:
+        check_loop(settings.event_loop)
+    except ValueError as exc:
+        sys.exit(str(exc))
     run = functools.partial(run_loop, settings.event_loop)
     if args.command == "serve":
         run(_serve(settings, args.demo))

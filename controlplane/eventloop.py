@@ -12,11 +12,16 @@ T = TypeVar("T")
 CHOICES = ("uvloop", "asyncio")
 
 
+def check(choice: str) -> None:
+    """ValueError, saying what is allowed, unless `choice` names a loop."""
+    if choice not in CHOICES:
+        raise ValueError(f"PBX_EVENT_LOOP must be one of {', '.join(CHOICES)}, not {choice!r}")
+
+
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The factory of the loop `choice` names; None for the standard one. uvloop asked for
     but not installed falls back to the standard loop, with a warning."""
-    if choice not in CHOICES:
-        raise ValueError(f"PBX_EVENT_LOOP must be one of {', '.join(CHOICES)}, not {choice!r}")
+    check(choice)
     if choice == "asyncio":
         return None
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -45,21 +45,23 @@ class Batcher(Generic[K, V, R]):
                 self.flushes += 1
                 try:
                     results = await self.flush([(k, v) for k, v, _ in live])
-                except BaseException as exc:  # every caller hears of it, and we go on
-                    for _, _, future in live:
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception)
-                                                 else RuntimeError("the batch was cancelled"))
-                    if not isinstance(exc, Exception):
-                        raise
+                except asyncio.CancelledError:
+                    _fail(live, RuntimeError("the batch was cancelled"))
+                    raise
+                except Exception as exc:  # every caller of the batch hears of it; we go on
+                    _fail(live, exc)
                     continue
                 for key, _, future in live:
                     if not future.done():
                         future.set_result(results.get(key, self.default))
         finally:
             self._task = None
-            if self._queue:  # cancelled with items left: they fail rather than wait forever
-                for _, _, future in self._queue:
-                    if not future.done():
-                        future.set_exception(RuntimeError("the batch was cancelled"))
-                self._queue.clear()
+            # cancelled with items left: they fail rather than wait forever
+            _fail(self._queue, RuntimeError("the batch was cancelled"))
+            self._queue.clear()
+
+
+def _fail(items: Sequence[tuple[Any, Any, asyncio.Future[Any]]], exc: Exception) -> None:
+    for _, _, future in items:
+        if not future.done():
+            future.set_exception(exc)

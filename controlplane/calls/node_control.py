@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,7 +94,7 @@ class CallControl:
         self.hangups: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.decisions = 0
         self.cdrs_imported = 0
-        self._answering: set[asyncio.Task[None]] = set()
+        self._answering: set[asyncio.Task[Any]] = set()
 
     # -- life ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -124,9 +124,7 @@ class CallControl:
                             ("PBX_ADMISSION_FAIL", self.config.fail_policy)):
             await self.ami.action({"Action": "Setvar", "Variable": name, "Value": value})
         self.carriers_dirty.set()
-        task = asyncio.ensure_future(self.resync_answers())
-        self._answering.add(task)
-        task.add_done_callback(self._answering.discard)
+        self._in_background(self.resync_answers())
 
     async def resync_answers(self) -> int:
         """Answers the node raised while this agent was not listening (its AMI link down,
@@ -199,8 +197,13 @@ class CallControl:
     def _on_user_event(self, manager: Any, event: Any) -> None:
         if event.get("UserEvent") != "PbxAnswered":
             return
-        task = asyncio.ensure_future(self._record_answer(event.get("PbxCall") or "",
-                                                         event.get("PbxChannel") or ""))
+        self._in_background(self._record_answer(event.get("PbxCall") or "",
+                                                event.get("PbxChannel") or ""))
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` beside the caller (an AMI callback, which must not wait), keeping a
+        reference until it ends."""
+        task = asyncio.ensure_future(work)
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
@@ -253,8 +256,7 @@ class CallControl:
                 if self.ami.connected.is_set():
                     live = await self.channels()
                     async with self.pool.acquire() as conn:
-                        await store.renew_leases(conn, self.node_id, live,
-                                                           self.config.lease)
+                        await store.renew_leases(conn, self.node_id, live, self.config.lease)
                 await lifecycle.sweep(self.pool)
             except (AmiUnavailable, *DB_ERRORS) as exc:
                 log.warning("node %s: lease renewal failed: %s", self.node_name, exc)

@@ -148,10 +148,6 @@ async def due_for_more(conn: asyncpg.Connection, node_id: int,
     return await conn.fetch(DUE_SQL, node_id, lead)
 
 
-async def get_call(conn: asyncpg.Connection, call_id: UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM calls WHERE id = $1", call_id)
-
-
 async def lock_call(conn: asyncpg.Connection, call_id: UUID) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM calls WHERE id = $1 FOR UPDATE", call_id)
 
