@@ -186,7 +186,7 @@ def agent_child(timings: Path, cli_args: list[str]) -> None:
 
     timed(asyncpg.pool.Pool, "_acquire", "acquire")  # waiting for a pooled connection
     timed(call_store, "admit", "admit_sql")
-    timed(call_store, "caller", "caller_sql")
+    timed(call_store, "party", "party_sql")  # a party not kept by the agent, read
     timed(call_store, "settle_calls", "settle_sql")
     timed(admission.Admission, "answer", "answer")  # the answer event, until recorded
     timed(lifecycle, "_settle_lines", "finish")
@@ -1392,8 +1392,9 @@ def build_report(r: Report) -> str:
             f"  admit, client: connect to close        {ms_row(g.admit)}",
             f"  admit, server: accept to close         {ms_row(t.get('serve_admit', []))}",
             f"  admit, decision (Admission.decide)     {ms_row(t.get('decide', []))}",
-            f"    caller query                         {ms_row(t.get('caller_sql', []))}",
-            f"    admit_call statement                 {ms_row(t.get('admit_sql', []))}",
+            f"    party read (not kept: {len(t.get('party_sql', [])):6d} times) "
+            f"{ms_row(t.get('party_sql', []))}",
+            f"    admit_call_checked statement         {ms_row(t.get('admit_sql', []))}",
             f"  pool acquire (every use in the agent)  {ms_row(t.get('acquire', []))}",
             f"  settlement of a batch of CDR lines     {ms_row(t.get('finish', []))}",
             f"    settle_calls statement               {ms_row(t.get('settle_sql', []))}",

@@ -4,12 +4,17 @@ One statement per call takes a slot on every capped level (extension, tenant, ea
 ancestor: counted across all nodes, since the counters live in PostgreSQL), reserves credit
 for the first interval on the paying account, and records the call with a lease. A refusal
 rolls everything back and says why, with the SIP answer the caller gets.
+
+The parties of a call (caller, callee, a DID's owner) are kept between calls, so a decision
+is usually that one statement alone: it checks that every kept party still reads the same,
+and when one does not, nothing is written and the call is decided again from a fresh read.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -71,9 +76,11 @@ class Decision:
 
 
 class Refused(Exception):
-    def __init__(self, sip_code: int, reason: str) -> None:
+    def __init__(self, sip_code: int, reason: str, *, checked: bool = False) -> None:
         super().__init__(reason)
         self.sip_code, self.reason = sip_code, reason
+        # by the admission itself, after it checked every party kept (see Parties): final
+        self.checked = checked
 
 
 LEVEL_REFUSAL = {"e": (486, "extension_call_limit"), "t": (503, "tenant_call_limit"),
@@ -110,6 +117,73 @@ def _floor(party: asyncpg.Record) -> tuple[int | None, Decimal]:
     return party["extension_id"], -Decimal(limit)
 
 
+# Parties kept by the agent (about 2 KiB each): the callers of the calls in progress and of
+# the recent ones, with the callees and DIDs they called.
+MAX_PARTIES = 20_000
+
+PartyKey = tuple[str, str, int | None]  # (kind, key, tenant): see store.calls.party
+
+
+class PartyCache:
+    """The parties read for recent decisions, least recently used first out. A decision
+    taken from a kept party costs one round trip instead of two or three; the admission
+    checks that the party still reads the same (migration 0010)."""
+
+    def __init__(self, max_size: int = MAX_PARTIES) -> None:
+        self.max_size = max_size
+        self._items: OrderedDict[PartyKey, asyncpg.Record] = OrderedDict()
+        self.hits = self.misses = self.stale = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: PartyKey) -> asyncpg.Record | None:
+        party = self._items.get(key)
+        if party is not None:
+            self._items.move_to_end(key)
+        return party
+
+    def put(self, key: PartyKey, party: asyncpg.Record | None) -> None:
+        if party is None:
+            self._items.pop(key, None)
+            return
+        self._items[key] = party
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_size:
+            self._items.popitem(last=False)
+
+    def drop(self, key: PartyKey) -> None:
+        self._items.pop(key, None)
+
+
+class Parties:
+    """The parties of one attempt at a decision: kept ones (`use_kept`), or read now. Those
+    that were kept are the admission's checks."""
+
+    def __init__(self, cache: PartyCache, conn: asyncpg.Connection, *, use_kept: bool) -> None:
+        self.cache, self.conn, self.use_kept = cache, conn, use_kept
+        self.checks: list[tuple[str, str, int | None, str]] = []
+
+    async def get(self, kind: str, key: str, tenant_id: int | None = None
+                  ) -> asyncpg.Record | None:
+        ident: PartyKey = (kind, key, tenant_id)
+        if self.use_kept:
+            party = self.cache.get(ident)
+            if party is not None:
+                self.cache.hits += 1
+                self.checks.append((kind, key, tenant_id, party["facts"]))
+                return party
+        self.cache.misses += 1
+        party = await store.party(self.conn, kind, key, tenant_id)
+        self.cache.put(ident, party)
+        return party
+
+    def forget(self) -> None:
+        """The kept parties of this attempt may be out of date: read them again next time."""
+        for kind, key, tenant_id, _ in self.checks:
+            self.cache.drop((kind, key, tenant_id))
+
+
 def rate_json(rate: Rate) -> str:
     return json.dumps({"id": rate.id, "prefix": rate.prefix,
                        "price_per_minute": str(rate.price_per_minute),
@@ -137,6 +211,7 @@ class Admission:
                  ahead: int = credit.AHEAD_SECONDS) -> None:
         self.pool, self.lease, self.ahead = pool, lease, ahead
         self.rates = RateCache(pool)
+        self.parties = PartyCache()
         self._answers: Batcher[uuid.UUID, str, int | None] = Batcher(self._record_answers,
                                                                     default=None)
 
@@ -148,33 +223,50 @@ class Admission:
             return Decision(False, refusal.sip_code, refusal.reason)
 
     async def _decide(self, conn: asyncpg.Connection, req: CallRequest) -> Decision:
+        """Decide from the parties kept, if any; a refusal they led to, or an admission
+        finding one of them changed, has them read again and the call decided anew."""
+        parties = Parties(self.parties, conn, use_kept=True)
+        try:
+            return await self._decide_with(conn, req, parties)
+        except Refused as refusal:
+            if refusal.checked or not parties.checks:
+                raise
+        except store.Stale:
+            pass
+        self.parties.stale += 1
+        parties.forget()
+        return await self._decide_with(conn, req, Parties(self.parties, conn, use_kept=False))
+
+    async def _decide_with(self, conn: asyncpg.Connection, req: CallRequest,
+                           parties: Parties) -> Decision:
         if req.direction == "inbound":
-            return await self._inbound(conn, req)
-        party = _check_party(await store.caller(conn, req.caller), "caller")
+            return await self._inbound(conn, req, parties)
+        party = _check_party(await parties.get("account", req.caller), "caller")
         if req.tenant_id is not None and party["tenant_id"] != req.tenant_id:
             raise Refused(403, "caller_outside_tenant")
         if party["node_id"] != req.node_id:
             raise Refused(403, "caller_on_another_node")
         if req.direction == "internal":
-            callee = _check_party(await store.extension_by_number(
-                conn, party["tenant_id"], req.dialled), "callee")
-            return await self._admit(conn, req, party, "internal", caller=party["number"],
-                                     callee=req.dialled, target=callee["account_code"],
-                                     call_class="internal")
-        return await self._outbound(conn, req, party)
+            callee = _check_party(await parties.get("number", req.dialled, party["tenant_id"]),
+                                  "callee")
+            return await self._admit(conn, req, parties, party, "internal",
+                                     caller=party["number"], callee=req.dialled,
+                                     target=callee["account_code"], call_class="internal")
+        return await self._outbound(conn, req, parties, party)
 
-    async def _inbound(self, conn: asyncpg.Connection, req: CallRequest) -> Decision:
+    async def _inbound(self, conn: asyncpg.Connection, req: CallRequest,
+                       parties: Parties) -> Decision:
         digits = req.dialled.lstrip("+")
         if not digits.isascii() or not digits.isdigit():
             raise Refused(404, "did_invalid")
-        party = _check_party(await store.did_owner(conn, "+" + digits), "callee")
+        party = _check_party(await parties.get("did", "+" + digits), "callee")
         if party["node_id"] != req.node_id:
             raise Refused(404, "did_on_another_node")
-        return await self._admit(conn, req, party, "inbound", caller=req.caller_number,
-                                 callee="+" + digits, target=party["account_code"],
-                                 call_class="inbound")
+        return await self._admit(conn, req, parties, party, "inbound",
+                                 caller=req.caller_number, callee="+" + digits,
+                                 target=party["account_code"], call_class="inbound")
 
-    async def _outbound(self, conn: asyncpg.Connection, req: CallRequest,
+    async def _outbound(self, conn: asyncpg.Connection, req: CallRequest, parties: Parties,
                         party: asyncpg.Record) -> Decision:
         c = classify(req.dialled, party["area_code"])
         if c.call_class == CallClass.INVALID or c.e164 is None and \
@@ -190,7 +282,7 @@ class Admission:
             rate = await self._rate(conn, party, c)
         number = (c.e164 or c.dialled).lstrip("+")
         target = f"{party['carrier_prefix']}{number}@carrier-{party['carrier_id']}"
-        return await self._admit(conn, req, party, "outbound", caller=party["number"],
+        return await self._admit(conn, req, parties, party, "outbound", caller=party["number"],
                                  callee=c.e164 or c.dialled, target=target,
                                  call_class=str(c.call_class), rate=rate,
                                  carrier_id=party["carrier_id"])
@@ -207,9 +299,9 @@ class Admission:
             raise Refused(403, "no_rate")
         return rate
 
-    async def _admit(self, conn: asyncpg.Connection, req: CallRequest, party: asyncpg.Record,
-                     direction: str, *, caller: str, callee: str, target: str,
-                     call_class: str, rate: Rate | None = None,
+    async def _admit(self, conn: asyncpg.Connection, req: CallRequest, parties: Parties,
+                     party: asyncpg.Record, direction: str, *, caller: str, callee: str,
+                     target: str, call_class: str, rate: Rate | None = None,
                      carrier_id: int | None = None) -> Decision:
         call_id = uuid.uuid4()
         options: list[tuple[int, Decimal]] = []
@@ -226,11 +318,11 @@ class Admission:
                 "rate": rate_json(rate) if rate is not None else None,
                 "account_extension": account_extension, "floor": floor,
                 "seconds": [s for s, _ in options], "amounts": [a for _, a in options]},
-                self.lease)
+                self.lease, parties.checks)
         except store.LevelFull as full:
-            raise Refused(*LEVEL_REFUSAL[full.kind]) from None
+            raise Refused(*LEVEL_REFUSAL[full.kind], checked=True) from None
         except store.NoCredit:
-            raise Refused(402, "no_credit") from None
+            raise Refused(402, "no_credit", checked=True) from None
         return Decision(True, call_id=call_id, target=target, grant=grant,
                         variables={"PBX_TENANT": str(party["tenant_id"])})
 

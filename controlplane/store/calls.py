@@ -3,6 +3,7 @@ steps, grants, leases, and the end of a call with its CDR."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -10,44 +11,27 @@ from uuid import UUID
 
 import asyncpg
 
-_PARTY = (
-    "SELECT e.id AS extension_id, e.tenant_id, e.number, e.account_code, e.active,"
-    " e.billing_type, e.credit_limit, e.plan_id, e.intl_plan_id, e.allow_local,"
-    " e.allow_national, e.allow_international, e.allow_vc1, e.allow_vc2, e.allow_vc3,"
-    " t.status::text AS tenant_status, t.area_code, t.shared_credit,"
-    " t.billing_mode AS tenant_billing_mode, t.credit_limit AS tenant_credit_limit,"
-    " t.node_id, t.external_ref, d.path AS dealer_path, d.active AS dealer_active"
-    " FROM extensions e JOIN tenants t ON t.id = e.tenant_id"
-    " JOIN dealers d ON d.id = t.dealer_id")
-# The caller, with what an outbound call needs besides (its plans' rate tables, its node's
-# carrier) in the same round trip.
-# The rate tables come with the version of their rates (migration 0008), which the agent's
-# copies of them must match.
-_PLAN_RATES = ("LEFT JOIN LATERAL (SELECT rt.id, rt.rates_version FROM plans pl"
-               " JOIN rate_tables rt ON rt.id = pl.rate_table_id WHERE pl.id = p.{}) AS {} ON true")
-CALLER_SQL = (
-    "SELECT p.*, pr.id AS plan_rate_table, pr.rates_version AS plan_rates_version,"
-    " ir.id AS intl_rate_table, ir.rates_version AS intl_rates_version,"
-    " c.id AS carrier_id, c.tech_prefix AS carrier_prefix"
-    f" FROM ({_PARTY} WHERE e.account_code = $1) AS p"
-    f" {_PLAN_RATES.format('plan_id', 'pr')} {_PLAN_RATES.format('intl_plan_id', 'ir')}"
-    " LEFT JOIN LATERAL (SELECT id, tech_prefix FROM carriers WHERE node_id = p.node_id"
-    " AND active ORDER BY priority, id LIMIT 1) AS c ON true")
-DID_SQL = f"{_PARTY} WHERE e.id = (SELECT extension_id FROM dids WHERE e164 = $1)"
-TARGET_SQL = f"{_PARTY} WHERE e.tenant_id = $1 AND e.number = $2"
+# A party of a call (caller, callee, a DID's owner: view call_parties, migration 0010) with
+# the digest of what was read, its "facts": a decision taken from a party kept since is
+# admitted only while the party still reads the same (admit_call_checked). The rate tables
+# come with the version of their rates (migration 0008), which the agent's copies of them
+# must match.
+PARTY_SQL = {
+    "account": "SELECT p.*, md5(p::text) AS facts FROM call_parties p WHERE p.account_code = $1",
+    "did": "SELECT p.*, md5(p::text) AS facts FROM call_parties p"
+           " WHERE p.extension_id = (SELECT extension_id FROM dids WHERE e164 = $1)",
+    "number": "SELECT p.*, md5(p::text) AS facts FROM call_parties p"
+              " WHERE p.tenant_id = $2 AND p.number = $1",
+}
 
 
-async def caller(conn: asyncpg.Connection, account_code: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(CALLER_SQL, account_code)
-
-
-async def did_owner(conn: asyncpg.Connection, e164: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(DID_SQL, e164)
-
-
-async def extension_by_number(conn: asyncpg.Connection, tenant_id: int,
-                              number: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(TARGET_SQL, tenant_id, number)
+async def party(conn: asyncpg.Connection, kind: str, key: str,
+                tenant_id: int | None = None) -> asyncpg.Record | None:
+    """The party found by `kind`: 'account' (account code), 'did' (E.164 number it owns) or
+    'number' (extension number within `tenant_id`)."""
+    if kind == "number":
+        return await conn.fetchrow(PARTY_SQL[kind], key, tenant_id)
+    return await conn.fetchrow(PARTY_SQL[kind], key)
 
 
 class LevelFull(Exception):
@@ -61,28 +45,35 @@ class NoCredit(Exception):
     pass
 
 
+class Stale(Exception):
+    """A party the decision was taken from reads differently now: nothing was written."""
+
+
 # The admission commits without waiting for its WAL to reach the disk, and so gives its
 # counters' locks back at once: every admission of the same dealers waits for them, and
 # waiting for the flush with them held made admissions queue one flush after another. The
 # decision is made durable before anyone hears of it by a transaction of its own that
-# commits synchronously, in the same CALL (migration 0008): the WAL is flushed in order, so
-# past the admission too, and many sessions' flushes share one write (group commit), none
-# of them holding a counter. It commits: never call it inside a transaction block.
-ADMIT_SQL = ("CALL admit_call_durably($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
-             " $14, $15, $16, $17, $18)")
+# commits synchronously, in the same CALL (migrations 0008 and 0010): the WAL is flushed in
+# order, so past the admission too, and many sessions' flushes share one write (group
+# commit), none of them holding a counter. It commits: never call it inside a transaction
+# block.
+ADMIT_SQL = ("CALL admit_call_checked($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+             " $14, $15, $16, $17, $18, $19, $20, $21, $22)")
 
 
-async def admit(conn: asyncpg.Connection, v: dict[str, Any], lease: float) -> int | None:
+async def admit(conn: asyncpg.Connection, v: dict[str, Any], lease: float,
+                checks: Sequence[tuple[str, str, int | None, str]] = ()) -> int | None:
     """Record the call, reserve its credit and take its slots, in one statement (see
-    migrations 0006 and 0008), durable when it returns. Returns the seconds granted (None:
-    not limited)."""
+    migrations 0006, 0008 and 0010), durable when it returns. `checks`: (kind, key, tenant,
+    facts) of each party read earlier than this decision (see `party`), which must read the
+    same now; Stale when one does not. Returns the seconds granted (None: not limited)."""
     try:
         row = await conn.fetchrow(
-            ADMIT_SQL, v["id"], v["node_id"], v["channel"], v["channel_name"], v["direction"],
-            v["extension_id"], v["tenant_id"], v["dealer_path"], v["caller"], v["callee"],
-            v["call_class"], v["carrier_id"], v["rate"], v["account_extension"], v["floor"],
-            v["seconds"], v["amounts"], lease)
-        return None if row is None else row["p_grant"]
+            ADMIT_SQL, [c[0] for c in checks], [c[1] for c in checks],
+            [c[2] for c in checks], [c[3] for c in checks], v["id"], v["node_id"],
+            v["channel"], v["channel_name"], v["direction"], v["extension_id"], v["tenant_id"],
+            v["dealer_path"], v["caller"], v["callee"], v["call_class"], v["carrier_id"],
+            v["rate"], v["account_extension"], v["floor"], v["seconds"], v["amounts"], lease)
     except asyncpg.PostgresError as exc:
         state = getattr(exc, "sqlstate", None)
         if state == "PX001":
@@ -90,6 +81,11 @@ async def admit(conn: asyncpg.Connection, v: dict[str, Any], lease: float) -> in
         if state == "PX002":
             raise NoCredit() from exc
         raise
+    if row is None:
+        return None
+    if row["p_stale"]:
+        raise Stale()
+    return row["p_grant"]
 
 
 async def lock_account_by_id(conn: asyncpg.Connection, account_id: int) -> asyncpg.Record:

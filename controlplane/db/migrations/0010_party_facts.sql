@@ -1,0 +1,88 @@
+-- One round trip per decision.
+--
+-- The agent keeps the parties of recent calls (caller, callee, a DID's owner) with a digest
+-- of what it read, their "facts". A decision taken from a kept party is admitted only if
+-- the party still reads the same: admit_call_checked compares the digests in the same
+-- transaction as the admission, and answers "stale" without admitting anything when one
+-- moved, so that the agent reads the party again and decides anew.
+
+-- Everything a decision reads of an extension: the extension, its tenant and dealer, its
+-- plans' rate tables (with the version of their rates, see 0008) and its node's carrier.
+CREATE VIEW call_parties AS
+SELECT e.id AS extension_id, e.tenant_id, e.number, e.account_code, e.active,
+       e.billing_type, e.credit_limit, e.plan_id, e.intl_plan_id, e.allow_local,
+       e.allow_national, e.allow_international, e.allow_vc1, e.allow_vc2, e.allow_vc3,
+       t.status::text AS tenant_status, t.area_code, t.shared_credit,
+       t.billing_mode AS tenant_billing_mode, t.credit_limit AS tenant_credit_limit,
+       t.node_id, t.external_ref, d.path AS dealer_path, d.active AS dealer_active,
+       pr.id AS plan_rate_table, pr.rates_version AS plan_rates_version,
+       ir.id AS intl_rate_table, ir.rates_version AS intl_rates_version,
+       c.id AS carrier_id, c.tech_prefix AS carrier_prefix
+  FROM extensions e
+  JOIN tenants t ON t.id = e.tenant_id
+  JOIN dealers d ON d.id = t.dealer_id
+  LEFT JOIN LATERAL (SELECT rt.id, rt.rates_version FROM plans pl
+                       JOIN rate_tables rt ON rt.id = pl.rate_table_id
+                      WHERE pl.id = e.plan_id) AS pr ON true
+  LEFT JOIN LATERAL (SELECT rt.id, rt.rates_version FROM plans pl
+                       JOIN rate_tables rt ON rt.id = pl.rate_table_id
+                      WHERE pl.id = e.intl_plan_id) AS ir ON true
+  LEFT JOIN LATERAL (SELECT cr.id, cr.tech_prefix FROM carriers cr
+                      WHERE cr.node_id = t.node_id AND cr.active
+                      ORDER BY cr.priority, cr.id LIMIT 1) AS c ON true;
+
+-- The digest of a party as the agent's queries compute it (store/calls.py, PARTY_SQL):
+-- 'account' by account code, 'did' by the E.164 number it owns, 'number' by extension
+-- number within p_tenant. NULL: no such party now.
+CREATE FUNCTION call_party_facts(p_kind text, p_key text, p_tenant bigint) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    facts text;
+BEGIN
+    IF p_kind = 'account' THEN
+        SELECT md5(p::text) INTO facts FROM call_parties p WHERE p.account_code = p_key;
+    ELSIF p_kind = 'did' THEN
+        SELECT md5(p::text) INTO facts FROM call_parties p
+         WHERE p.extension_id = (SELECT extension_id FROM dids WHERE e164 = p_key);
+    ELSIF p_kind = 'number' THEN
+        SELECT md5(p::text) INTO facts FROM call_parties p
+         WHERE p.tenant_id = p_tenant AND p.number = p_key;
+    ELSE
+        RAISE EXCEPTION 'unknown kind of party: %', p_kind;
+    END IF;
+    RETURN facts;
+END $$;
+
+-- admit_call_durably (0008) behind a check of the parties the decision was taken from:
+-- p_kinds, p_keys, p_tenants and p_facts say, for each, how it is found and the digest the
+-- agent read. p_stale comes back true, and nothing is written, when one of them moved.
+CREATE PROCEDURE admit_call_checked(p_kinds text[], p_keys text[], p_tenants bigint[],
+                                    p_facts text[], p_id uuid, p_node bigint,
+                                    p_channel text, p_channel_name text, p_direction text,
+                                    p_extension bigint, p_tenant bigint, p_path bigint[],
+                                    p_caller text, p_callee text, p_class text,
+                                    p_carrier bigint, p_rate jsonb,
+                                    p_account_extension bigint, p_floor numeric,
+                                    p_seconds integer[], p_amounts numeric[],
+                                    p_lease double precision, INOUT p_grant integer DEFAULT NULL,
+                                    INOUT p_stale boolean DEFAULT false)
+LANGUAGE plpgsql AS $$
+DECLARE
+    i integer;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(p_kinds), 0) LOOP
+        IF call_party_facts(p_kinds[i], p_keys[i], p_tenants[i])
+                IS DISTINCT FROM p_facts[i] THEN
+            p_stale := true;
+            RETURN;
+        END IF;
+    END LOOP;
+    PERFORM set_config('synchronous_commit', 'off', true);
+    p_grant := admit_call(p_id, p_node, p_channel, p_channel_name, p_direction, p_extension,
+                          p_tenant, p_path, p_caller, p_callee, p_class, p_carrier, p_rate,
+                          p_account_extension, p_floor, p_seconds, p_amounts, p_lease);
+    COMMIT;
+    PERFORM pg_current_xact_id();
+END $$;
+
+DROP PROCEDURE admit_call_durably;
