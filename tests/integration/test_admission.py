@@ -252,6 +252,29 @@ async def test_answers_arriving_together_are_recorded_together(api: Api, db: asy
                              decisions[0].call_id) == "PJSIP/carrier-00000000"
 
 
+async def test_an_answer_arriving_alone_starts_its_grant_once(api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    admission = Admission(db, lease=45)
+    decision = await admission.decide(request(node_id, exts[0], 1))
+    other = await admission.decide(request(node_id, exts[1], 2))
+
+    assert await admission.answer(decision.call_id, "PJSIP/carrier-1") == decision.grant
+    assert await admission.answer(decision.call_id, "PJSIP/carrier-2") is None
+
+    row = await db.fetchrow("SELECT callee_channel, granted_until - answered_at AS granted,"
+                            " lease_until - answered_at AS lease FROM calls WHERE id = $1",
+                            decision.call_id)
+    assert row["callee_channel"] == "PJSIP/carrier-1"
+    assert row["granted"] == timedelta(seconds=decision.grant)
+    assert timedelta(seconds=44) < row["lease"] <= timedelta(seconds=45)
+    assert await db.fetchval("SELECT answered_at FROM calls WHERE id = $1",
+                             other.call_id) is None
+    # the answer's asynchronous commit was for its own transaction only
+    for _ in range(3):
+        async with db.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+
+
 def file_line(decision, req: CallRequest, talk: float, *, sequence: int = 0) -> str:
     """A line of the node's CDR file (asterisk-conf/cdr_custom.conf) for `decision`."""
     line = cdr_line(decision, req, talk, sequence=sequence)
