@@ -819,10 +819,14 @@ async def throughput(stack: Stack, conn: Any, world: World,
             if path in stopped:
                 continue
             log(f"{path}: {rate} calls/s for {args.seconds:g} s")
+            if args.pg_statements:
+                await conn.execute("SELECT pg_stat_statements_reset()")
             r = await call_run(stack, conn, world, args, path, rate, args.seconds,
                                f"{path}-{rate}")
             runs.append(r)
             log("  " + describe_run(r))
+            if args.pg_statements and path == "admission":
+                log(await statement_stats(conn, r.uac.ok))
             if r.failed > MAX_FAILED_SHARE * r.calls:
                 log(f"  {path}: more than {MAX_FAILED_SHARE:.0%} failed: not climbing further")
                 stopped.add(path)
@@ -1533,7 +1537,7 @@ async def enable_statement_stats(stack: Stack, dsn: str) -> None:
 
 
 async def statement_stats(conn: Any, calls: int) -> str:
-    """The statements that took PostgreSQL's time since the last report, per admitted call."""
+    """The statements that took PostgreSQL's time since the last reset, per admitted call."""
     rows = await conn.fetch(
         "SELECT calls, total_exec_time + total_plan_time AS ms, toplevel, query"
         " FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25")
@@ -1699,7 +1703,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--pg-statements", action="store_true",
                    help="diagnosis: PostgreSQL with pg_stat_statements, and after each FastAGI "
-                        "rate the statements that took its time")
+                        "rate and each admission step of (1) the statements that took its time")
     p.add_argument("--agent-events", default="",
                    help="what-if, not the product: the agent's AMI session logs in with "
                         "Events: MASK (e.g. on) instead of the product's classes")
