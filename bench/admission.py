@@ -1227,6 +1227,8 @@ async def memory_phase(stack: Stack, conn: Any, api: Api, world: World, dsn: str
             args.agi_rates[-1], args.memory_admissions / args.agi_rates[-1], pairs,
             instrumented=False)
         log("  " + describe_agi(mem.admissions))
+        if args.pg_statements:
+            log(await statement_stats(conn, mem.admissions.admitted))
     mem.agent_after_admissions = rss(stack.agent.pid if stack.agent else None)
     if args.memory_admissions and pairs:
         log("memory: the same admissions answered by `pbxctl agent --role calls`, beside a "
@@ -1241,6 +1243,8 @@ async def memory_phase(stack: Stack, conn: Any, api: Api, world: World, dsn: str
             args.agi_rates[-1], args.memory_admissions / args.agi_rates[-1], pairs,
             instrumented=False)
         log("  " + describe_agi(mem.split_admissions))
+        if args.pg_statements:
+            log(await statement_stats(conn, mem.split_admissions.admitted))
     mem.asterisk = rss(stack.node.pid)
     return mem
 
@@ -1703,7 +1707,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--pg-statements", action="store_true",
                    help="diagnosis: PostgreSQL with pg_stat_statements, and after each FastAGI "
-                        "rate and each admission step of (1) the statements that took its time")
+                        "rate, each admission step of (1) and the admissions of (3) the "
+                        "statements that took its time")
     p.add_argument("--agent-events", default="",
                    help="what-if, not the product: the agent's AMI session logs in with "
                         "Events: MASK (e.g. on) instead of the product's classes")

@@ -180,3 +180,4 @@ def test_the_kept_parties_are_bounded_and_the_least_recently_used_leave_first():
     assert [cache.get(("account", k, None)) is not None for k in "023"] == [True] * 3
     cache.put(("account", "0", None), None)  # no such party any more
     assert cache.get(("account", "0", None)) is None and len(cache) == 2
+

@@ -40,7 +40,9 @@ DECLARE
     facts text;
 BEGIN
     IF p_kind = 'account' THEN
-        SELECT md5(p::text) INTO facts FROM call_parties p WHERE p.account_code = p_key;
+        -- account_code is char(6): compared as text, its index could not be used
+        SELECT md5(p::text) INTO facts FROM call_parties p
+         WHERE p.account_code = p_key::bpchar;
     ELSIF p_kind = 'did' THEN
         SELECT md5(p::text) INTO facts FROM call_parties p
          WHERE p.extension_id = (SELECT extension_id FROM dids WHERE e164 = p_key);
