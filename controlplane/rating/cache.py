@@ -3,9 +3,10 @@
 Every outbound call needs the longest prefix of its number in its plan's rate table; asked
 of PostgreSQL, that is a round trip per call. A table is read once instead and kept under
 the version it was read at (`rate_tables.rates_version`, moved by every change to its
-rates: migration 0008). The caller's query returns the version its plan's table has now,
-so a copy is used only while it is exactly that version: a rate import is seen by the very
-next call. A table missing, older than asked, or still being read is looked up in
+rates: migration 0008). The caller's party carries the version its plan's table has, and
+the admission checks that a kept party still reads the same (migration 0010), so a copy is
+used only while it is exactly the table's version: a rate import is seen by the very next
+call. A table missing, older than asked, or still being read is looked up in
 PostgreSQL meanwhile, and read in the background; one larger than the cache's whole budget
 is always looked up there.
 """
