@@ -48,6 +48,15 @@ def inbound(node_id: int, e164: str, n: int) -> CallRequest:
                        channel=f"in-{n}-{uuid.uuid4()}", channel_name=f"PJSIP/carrier-{n:08x}")
 
 
+async def did_of(api: Api, dealer: dict, ext: dict) -> dict:
+    """A DID of `dealer`'s that rings `ext`."""
+    rng = api.ok(await api.post("/api/v1/number-ranges", {
+        "dealer_id": dealer["id"], "name": "DIDs", "country_code": "55", "area_code": "11",
+        "first_number": 30000000, "last_number": 30000099}), 201)
+    return api.ok(await api.post("/api/v1/dids", {
+        "range_id": rng["id"], "local_number": 30000042, "extension_id": ext["id"]}), 201)
+
+
 def internal(node_id: int, ext: dict, callee: dict, n: int) -> CallRequest:
     return dataclasses.replace(request(node_id, ext, n), direction="internal",
                                dialled=callee["number"])
@@ -57,11 +66,7 @@ async def test_a_decision_from_kept_parties_is_one_statement(
         api: Api, one_connection: tuple[asyncpg.Pool, list[str]]):
     pool, statements = one_connection
     node_id, dist, exts = await setup(api)
-    rng = api.ok(await api.post("/api/v1/number-ranges", {
-        "dealer_id": dist["id"], "name": "DIDs", "country_code": "55", "area_code": "11",
-        "first_number": 30000000, "last_number": 30000099}), 201)
-    did = api.ok(await api.post("/api/v1/dids", {
-        "range_id": rng["id"], "local_number": 30000042, "extension_id": exts[2]["id"]}), 201)
+    did = await did_of(api, dist, exts[2])
     admission = Admission(pool)
     cold = [request(node_id, exts[0], 1), internal(node_id, exts[0], exts[1], 2),
             inbound(node_id, did["e164"], 3)]
@@ -134,11 +139,7 @@ async def test_new_rates_price_the_very_next_call_of_a_kept_caller(api: Api, db:
 async def test_a_did_given_to_another_extension_rings_the_new_one_at_once(
         api: Api, db: asyncpg.Pool):
     node_id, dist, exts = await setup(api)
-    rng = api.ok(await api.post("/api/v1/number-ranges", {
-        "dealer_id": dist["id"], "name": "DIDs", "country_code": "55", "area_code": "11",
-        "first_number": 30000000, "last_number": 30000099}), 201)
-    did = api.ok(await api.post("/api/v1/dids", {
-        "range_id": rng["id"], "local_number": 30000042, "extension_id": exts[2]["id"]}), 201)
+    did = await did_of(api, dist, exts[2])
     admission = Admission(db)
     assert (await admission.decide(inbound(node_id, did["e164"], 1))).target == \
         exts[2]["account_code"]

@@ -79,12 +79,8 @@ BEGIN
             RETURN;
         END IF;
     END LOOP;
-    PERFORM set_config('synchronous_commit', 'off', true);
-    p_grant := admit_call(p_id, p_node, p_channel, p_channel_name, p_direction, p_extension,
-                          p_tenant, p_path, p_caller, p_callee, p_class, p_carrier, p_rate,
-                          p_account_extension, p_floor, p_seconds, p_amounts, p_lease);
-    COMMIT;
-    PERFORM pg_current_xact_id();
+    CALL admit_call_durably(p_id, p_node, p_channel, p_channel_name, p_direction,
+                            p_extension, p_tenant, p_path, p_caller, p_callee, p_class,
+                            p_carrier, p_rate, p_account_extension, p_floor, p_seconds,
+                            p_amounts, p_lease, p_grant);
 END $$;
-
-DROP PROCEDURE admit_call_durably;
