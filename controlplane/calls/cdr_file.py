@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,10 +117,3 @@ def read_from(path: Path, offset: int) -> tuple[list[str], int]:
         return [], offset
     lines = chunk[:end].decode("utf-8", "replace").split("\n")
     return [line for line in lines if line.strip()], offset + end + 1
-
-
-def records(lines: list[str]) -> Iterator[CdrLine]:
-    for text in lines:
-        line = parse_line(text)
-        if line is not None:
-            yield line

@@ -138,6 +138,7 @@ def _best_lines(lines: list[CdrLine]) -> list[CdrLine]:
 # (bench/admission.py), for no measurable saving of CPU.
 SETTLE_BATCH = 10
 YIELD_EVERY = 3  # lines priced between two turns of the event loop (about 0.2 ms)
+PARSE_YIELD_EVERY = 25  # lines parsed between two turns (about 9 us each)
 
 
 async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
@@ -162,7 +163,7 @@ async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
         # hold the shared counters until they commit); saving the position does wait, and
         # that flushes every settlement before it. A crash in between loses at most
         # settlements whose lines are read again, and settled once (the CDR is unique).
-        lines = _best_lines(list(cdr_file.records(texts)))
+        lines = _best_lines(await _parse(texts))
         # A call ringing several devices left several lines: the best settles the call, the
         # others come after it has (they find it settled and store nothing more).
         seen: set[UUID] = set()
@@ -180,6 +181,19 @@ async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
             await conn.execute("RESET synchronous_commit")
         await store.save_position(conn, node_id, ident, new_offset)
     return stored
+
+
+async def _parse(texts: list[str]) -> list[CdrLine]:
+    """The node's lines, parsed a slice at a time between turns of the event loop: an import
+    every quarter of a second at 500 calls/s reads 125 lines and more, 1 ms of parsing."""
+    lines = []
+    for n, text in enumerate(texts, 1):
+        line = cdr_file.parse_line(text)
+        if line is not None:
+            lines.append(line)
+        if n % PARSE_YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+    return lines
 
 
 def _settlement(node_id: int, line: CdrLine, call: asyncpg.Record | None) -> dict[str, Any]:
