@@ -6,6 +6,76 @@
 -- transaction as the admission, and answers "stale" without admitting anything when one
 -- moved, so that the agent reads the party again and decides anew.
 
+-- admit_call (0006), its paying account locked rather than upserted (see there).
+CREATE OR REPLACE FUNCTION admit_call(p_id uuid, p_node bigint, p_channel text,
+                                      p_channel_name text, p_direction text,
+                                      p_extension bigint, p_tenant bigint, p_path bigint[],
+                                      p_caller text, p_callee text, p_class text,
+                                      p_carrier bigint, p_rate jsonb,
+                                      p_account_extension bigint, p_floor numeric,
+                                      p_seconds integer[], p_amounts numeric[],
+                                      p_lease double precision)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    full_level text;
+    account credit_accounts%ROWTYPE;
+    grant_seconds integer;
+    held numeric := 0;
+    i integer;
+BEGIN
+    IF cardinality(p_seconds) > 0 THEN
+        -- the paying account first: its lock is per account, not shared by the whole tree.
+        -- Locked as it is, not upserted: a row version this transaction wrote would have
+        -- the UPDATE below check both its foreign keys again, each a KEY SHARE lock on the
+        -- tenant's row that every admission of the tenant also takes (a multixact each).
+        IF p_account_extension IS NULL THEN
+            SELECT * INTO account FROM credit_accounts
+             WHERE tenant_id = p_tenant AND extension_id IS NULL FOR UPDATE;
+        ELSE
+            SELECT * INTO account FROM credit_accounts
+             WHERE extension_id = p_account_extension FOR UPDATE;
+        END IF;
+        IF NOT FOUND THEN  -- the account's first call
+            IF p_account_extension IS NULL THEN
+                INSERT INTO credit_accounts (tenant_id) VALUES (p_tenant)
+                ON CONFLICT (tenant_id) WHERE extension_id IS NULL
+                DO UPDATE SET updated_at = credit_accounts.updated_at
+                RETURNING * INTO account;
+            ELSE
+                INSERT INTO credit_accounts (tenant_id, extension_id)
+                VALUES (p_tenant, p_account_extension)
+                ON CONFLICT (extension_id) DO UPDATE SET updated_at = credit_accounts.updated_at
+                RETURNING * INTO account;
+            END IF;
+        END IF;
+        FOR i IN 1 .. cardinality(p_seconds) LOOP
+            IF p_amounts[i] <= account.balance - account.reserved - p_floor THEN
+                grant_seconds := p_seconds[i];
+                held := p_amounts[i];
+                EXIT;
+            END IF;
+        END LOOP;
+        IF grant_seconds IS NULL THEN
+            RAISE EXCEPTION 'no_credit' USING ERRCODE = 'PX002';
+        END IF;
+        UPDATE credit_accounts SET reserved = reserved + held, updated_at = now()
+         WHERE id = account.id;
+    END IF;
+    INSERT INTO calls (id, node_id, channel, channel_name, direction, extension_id, tenant_id,
+                       dealer_path, caller, callee, call_class, carrier_id, account_id, rate,
+                       reserved, granted_seconds, lease_until)
+    VALUES (p_id, p_node, p_channel, p_channel_name, p_direction, p_extension, p_tenant,
+            p_path, p_caller, p_callee, p_class, p_carrier, account.id, p_rate, held,
+            grant_seconds, now() + make_interval(secs => p_lease));
+    -- the shared counters last, so their locks are held the shortest time
+    full_level := take_call_slots(p_path, p_tenant, p_extension);
+    IF full_level IS NOT NULL THEN
+        RAISE EXCEPTION 'full:%', full_level USING ERRCODE = 'PX001';
+    END IF;
+    RETURN grant_seconds;
+END $$;
+
 -- Everything a decision reads of an extension: the extension, its tenant and dealer, its
 -- plans' rate tables (with the version of their rates, see 0008) and its node's carrier.
 CREATE VIEW call_parties AS
