@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +17,10 @@ from controlplane.settings import Settings
 from controlplane.store.sql import json_default
 
 log = logging.getLogger(__name__)
+
+Warm = Callable[[asyncpg.Connection], Awaitable[None]]
+# PostgreSQL's states for an object that does not exist (yet: before the migrations)
+_NOT_MIGRATED = ("42883", "42P01", "42704")
 
 MIGRATIONS_PACKAGE = "controlplane.db"
 # Any constant works: it only has to be the same for every process migrating this database.
@@ -53,7 +60,25 @@ async def _release_connection(conn: asyncpg.Connection) -> None:
     return None
 
 
-async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+async def _init_warm_connection(warm: Warm, conn: asyncpg.Connection) -> None:
+    await _init_connection(conn)
+    try:
+        await warm(conn)
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) not in _NOT_MIGRATED:
+            raise
+        # a database not migrated yet: warm_pool warms the connections after the migrations
+
+
+async def create_pool(dsn: str, settings: Settings, *, warm: Warm | None = None
+                      ) -> asyncpg.Pool:
+    """The pool of a process. `warm`, for a pool on the calls' path (the node agent): run on
+    every new connection before its first use, and connections are then kept for the
+    process's life, not closed after 300 s idle or 50,000 queries (asyncpg's defaults), so
+    that no call waits for a connection to be opened and warmed again."""
+    extra: dict[str, object] = {}
+    if warm is not None:
+        extra = {"max_inactive_connection_lifetime": 0, "max_queries": 2**62}
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -61,8 +86,10 @@ async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
             max_size=settings.db_pool_max,
             timeout=settings.db_timeout,
             command_timeout=settings.db_timeout,
-            init=_init_connection,
+            init=_init_connection if warm is None else functools.partial(
+                _init_warm_connection, warm),
             reset=_release_connection,
+            **extra,
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseUnavailable(
@@ -70,6 +97,15 @@ async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
         ) from exc
     assert pool is not None
     return pool
+
+
+async def warm_pool(pool: asyncpg.Pool, warm: Warm) -> None:
+    """Warm every connection the pool can open, holding them all at once so that each is
+    another one (the pool hands out the connection released last)."""
+    async with AsyncExitStack() as stack:
+        for _ in range(pool.get_max_size()):
+            conn = await stack.enter_async_context(pool.acquire())
+            await warm(conn)
 
 
 def migration_files() -> list[tuple[str, str]]:
