@@ -242,7 +242,7 @@ async def warm(conn: asyncpg.Connection) -> None:
     """Run each statement of a call's path once, with keys that match nothing, on a new
     connection: its first use would otherwise cost the call 10-20 ms (the client's lookup of
     the statements' types, the server's compiling of the functions and loading of the
-    catalog entries they touch). Writes nothing and takes no lock."""
+    catalog entries they touch). Writes nothing and locks no row."""
     for kind in ("account", "did"):
         await party(conn, kind, "")
     await party(conn, "number", "", 0)
