@@ -156,6 +156,11 @@ class _Exchange(asyncio.Protocol):
             raise ConnectionResetError("Asterisk closed the FastAGI connection")
         self.transport.write(data)
 
+    def write_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof() \
+                and not self.transport.is_closing():
+            self.transport.write_eof()
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -239,9 +244,15 @@ class FastAgiServer:
         # commands through a buffered stream but waits for the socket to become readable
         # before each one: commands written ahead land in its buffer and stay there, unread,
         # until the connection closes, so a pipelined exchange always ran into read_timeout.
+        # The last command goes with the end of what this side sends: Asterisk, finding the
+        # end right after the command, leaves the AGI as soon as it has run it, without
+        # waiting for this process to read its acknowledgement and close (a turn of this
+        # event loop, which other calls' work may hold up). The acknowledgement is still read.
         async with asyncio.timeout(self.read_timeout):
-            for command in commands:
+            for n, command in enumerate(commands, 1):
                 exchange.write(command)
+                if n == len(commands):
+                    exchange.write_eof()
                 reply = await exchange.read_until(b"\n")
                 if not reply.startswith(b"200"):
                     raise AgiProtocolError(f"Asterisk answered {reply[:80]!r}")

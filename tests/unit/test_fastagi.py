@@ -158,3 +158,43 @@ def test_the_exchange_works_on_uvloop_as_the_agent_runs_it():
     loop_module, commands = run_loop("uvloop", exchange())
     assert loop_module.startswith("uvloop")
     assert commands == ['SET VARIABLE PBX_R "PBX_DECISION,PBX_TARGET|admit,100002"']
+
+
+async def test_the_last_command_ends_the_exchange_before_its_acknowledgement():
+    """Asterisk leaves the AGI when it reads the end of the stream after a command: the
+    server sends its end with the last command, then still reads the acknowledgement."""
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {"PBX_DECISION": "admit", "PBX_TARGET": "100002"}
+
+    server, port = await serve(admit)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"agi_network_script: admit\nagi_channel: PJSIP/1-1\n\n")
+        command = await asyncio.wait_for(reader.readline(), 5)
+        # the end arrives with the command, not after the acknowledgement
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert server.served == 0
+        writer.write(b"200 result=1\n")
+        await writer.drain()
+        for _ in range(100):
+            if server.served:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+    finally:
+        await server.close()
+    assert command == b'SET VARIABLE PBX_R "PBX_DECISION,PBX_TARGET|admit,100002"\n'
+    assert server.served == 1
+
+
+async def test_a_refused_acknowledgement_of_the_last_command_is_not_served():
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {"PBX_DECISION": "admit"}
+
+    server, port = await serve(admit)
+    try:
+        commands, _ = await ask(port, "admit", answer_with=b"510 Invalid\n")
+        await asyncio.sleep(0.05)
+    finally:
+        await server.close()
+    assert commands == ['SET VARIABLE PBX_DECISION "admit"'] and server.served == 0
