@@ -17,6 +17,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -38,6 +39,9 @@ from controlplane.store import calls as store
 
 # A call not yet answered holds its slots this long without news from its node.
 LEASE_SECONDS = 30.0
+# Answers heard from the node's events wait this long for others to be recorded with: each
+# carries the node's time of the answer, so the wait moves no grant (migration 0011).
+ANSWER_WINDOW = 0.05
 
 
 @dataclass(frozen=True)
@@ -208,12 +212,13 @@ def rate_from_json(raw: str | dict[str, Any] | None) -> Rate | None:
 
 class Admission:
     def __init__(self, pool: asyncpg.Pool, *, lease: float = LEASE_SECONDS,
-                 ahead: int = credit.AHEAD_SECONDS) -> None:
+                 ahead: int = credit.AHEAD_SECONDS, answer_window: float = ANSWER_WINDOW
+                 ) -> None:
         self.pool, self.lease, self.ahead = pool, lease, ahead
         self.rates = RateCache(pool)
         self.parties = PartyCache()
-        self._answers: Batcher[uuid.UUID, str, int | None] = Batcher(self._record_answers,
-                                                                    default=None)
+        self._answers: Batcher[uuid.UUID, tuple[str, datetime | None], int | None] = \
+            Batcher(self._record_answers, default=None, window=answer_window)
 
     async def decide(self, req: CallRequest) -> Decision:
         try:
@@ -326,12 +331,17 @@ class Admission:
         return Decision(True, call_id=call_id, target=target, grant=grant,
                         variables={"PBX_TENANT": str(party["tenant_id"])})
 
-    async def answer(self, call_id: uuid.UUID, callee_channel: str) -> int | None:
-        """The call was answered: its granted time starts now. Returns it (None: unlimited,
-        or already answered). Answers arriving together are recorded in one statement."""
-        return await self._answers.submit(call_id, callee_channel)
+    async def answer(self, call_id: uuid.UUID, callee_channel: str,
+                     at: datetime | None = None, *, urgent: bool = True) -> int | None:
+        """The call was answered (`at`, the node's time; None: now): its granted time starts
+        then. Returns it (None: unlimited, or already answered). Answers arriving together
+        are recorded in one statement; those not `urgent` wait up to the answer window for
+        others."""
+        return await self._answers.submit(call_id, (callee_channel, at), urgent=urgent)
 
-    async def _record_answers(self, answers: Sequence[tuple[uuid.UUID, str]]
+    async def _record_answers(self, answers: Sequence[tuple[uuid.UUID,
+                                                            tuple[str, datetime | None]]]
                               ) -> dict[uuid.UUID, int | None]:
         async with self.pool.acquire() as conn:
-            return await store.answered(conn, list(answers), self.lease)
+            return await store.answered(conn, [(call, channel, at)
+                                               for call, (channel, at) in answers], self.lease)

@@ -198,7 +198,8 @@ class CallControl:
         if event.get("UserEvent") != "PbxAnswered":
             return
         self._in_background(self._record_answer(event.get("PbxCall") or "",
-                                                event.get("PbxChannel") or ""))
+                                                event.get("PbxChannel") or "",
+                                                event_time(event.get("Timestamp"))))
 
     def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` beside the caller (an AMI callback, which must not wait), keeping a
@@ -207,15 +208,17 @@ class CallControl:
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
-    async def _record_answer(self, call: str, channel: str) -> int | None:
-        """The call was answered on `channel`: its granted time starts now. Returns the
-        seconds granted (None: unlimited, unknown, or already answered)."""
+    async def _record_answer(self, call: str, channel: str,
+                             at: datetime | None = None) -> int | None:
+        """The call was answered on `channel` (at `at`, the node's time of its event, which
+        lets the answer wait a moment to be recorded with others; None: now, at once).
+        Returns the seconds granted (None: unlimited, unknown, or already answered)."""
         try:
             call_id = uuid.UUID(call)
         except ValueError:
             return None
         try:
-            return await self.admission.answer(call_id, channel)
+            return await self.admission.answer(call_id, channel, at, urgent=at is None)
         except DB_ERRORS as exc:
             # The end set from the admission's grant stays: the call is still cut on time.
             log.warning("node %s: answer of %s not recorded (%s)", self.node_name, call_id, exc)
@@ -344,6 +347,18 @@ class CallControl:
                 await self.ami.action({"Action": "Hangup", "Channel": channel, "Cause": "16"})
             except AmiUnavailable as exc:
                 log.warning("node %s: hangup of %s failed: %s", self.node_name, channel, exc)
+
+
+def event_time(stamp: Any) -> datetime | None:
+    """The time an AMI event was raised (its Timestamp, `timestampevents` in manager.conf);
+    None when it has none or an unreadable one."""
+    try:
+        value = float(stamp)
+    except (TypeError, ValueError):
+        return None
+    if not 0 < value < 2**33:  # also NaN and infinities
+        return None
+    return datetime.fromtimestamp(value, UTC)
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

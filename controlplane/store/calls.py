@@ -98,31 +98,37 @@ async def hold(conn: asyncpg.Connection, account_id: int, amount: Decimal) -> No
                        " WHERE id = $1", account_id, amount)
 
 
-ANSWERED_SQL = ("SELECT id, granted_seconds FROM calls_answered($1::uuid[], $2::text[], $3),"
+ANSWERED_SQL = ("SELECT id, granted_seconds FROM calls_answered_at($1::uuid[], $2::text[],"
+                " $3::timestamptz[], $4),"
                 " (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit")
-# One answer alone, as most are: the same change as calls_answered's, planned once for all.
+# One answer alone: the same change as calls_answered_at's, planned once for all.
 ANSWERED_ONE_SQL = (
-    "UPDATE calls c SET answered_at = now(), callee_channel = $2,"
-    " granted_until = now() + make_interval(secs => c.granted_seconds),"
-    " lease_until = greatest(c.lease_until, now() + make_interval(secs => $3))"
+    "UPDATE calls c SET answered_at = answered_time($3, c.started_at), callee_channel = $2,"
+    " granted_until = answered_time($3, c.started_at)"
+    " + make_interval(secs => c.granted_seconds),"
+    " lease_until = greatest(c.lease_until, now() + make_interval(secs => $4))"
     " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
     " WHERE c.id = $1 AND c.answered_at IS NULL RETURNING c.id, c.granted_seconds")
 
+Answer = tuple[UUID, str, datetime | None]  # (call, answering channel, when: None for now)
 
-async def answered(conn: asyncpg.Connection, answers: list[tuple[UUID, str]],
+
+async def answered(conn: asyncpg.Connection, answers: Sequence[Answer],
                    lease: float) -> dict[UUID, int | None]:
-    """Mark calls answered now: their granted time starts. `answers`: (call id, the answering
-    channel). Returns the seconds granted to each call answered for the first time.
+    """Mark calls answered: their granted time starts at the node's time of the answer
+    (kept between the call's admission and now: migration 0011). Returns the seconds
+    granted to each call answered for the first time.
 
     Committed without waiting for the disk (one flush a call less): if PostgreSQL crashed
     within the WAL writer's delay, such a call would lose its answer time, so it would not
     be extended and the node would end it at its first grant, which it enforces itself; its
     CDR still bills the time it talked."""
     if len(answers) == 1:
-        rows = await conn.fetch(ANSWERED_ONE_SQL, answers[0][0], answers[0][1], lease)
+        call, channel, at = answers[0]
+        rows = await conn.fetch(ANSWERED_ONE_SQL, call, channel, at, lease)
     else:
         rows = await conn.fetch(ANSWERED_SQL, [a[0] for a in answers],
-                                [a[1] for a in answers], lease)
+                                [a[1] for a in answers], [a[2] for a in answers], lease)
     return {row["id"]: row["granted_seconds"] for row in rows}
 
 
@@ -248,5 +254,6 @@ async def warm(conn: asyncpg.Connection) -> None:
     await party(conn, "number", "", 0)
     # a check that cannot hold: admit_call_checked answers "stale" before admitting
     await conn.fetchrow(ADMIT_SQL, ["account"], [""], [None], ["-"], *[None] * 18)
-    await conn.fetch(ANSWERED_ONE_SQL, NO_CALL, "", 0.0)
+    await conn.fetch(ANSWERED_ONE_SQL, NO_CALL, "", None, 0.0)
+    await conn.fetch(ANSWERED_SQL, [NO_CALL], [""], [None], 0.0)
     await conn.fetch(SETTLE_MANY_SQL, [{"call": str(NO_CALL)}])

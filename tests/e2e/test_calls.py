@@ -519,6 +519,18 @@ async def test_api_hangs_up_a_call_in_progress(calls):
 
     await until(gone, "the call to end")
 
+    # the answer's AMI event carried the node's time: the grant started when the node's CDR
+    # says the call was answered, not when the answer reached the database (it waits up to
+    # the answer window to be recorded with others)
+    async def billed() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(billed, "the CDR")
+    [cdr] = await calls.cdrs(extension_id=ext["id"])
+    answered_at = datetime.fromisoformat(item["answered_at"])
+    assert abs((answered_at - datetime.fromisoformat(cdr["answered_at"])).total_seconds()) \
+        < 0.03
+
 
 async def _answered_outbound_call(calls, number: str, dialled: str, hold_ms: int,
                                   timeout: float) -> tuple[dict, dict, Any, Any]:

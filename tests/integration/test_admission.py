@@ -275,6 +275,50 @@ async def test_an_answer_arriving_alone_starts_its_grant_once(api: Api, db: asyn
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
 
 
+async def test_answers_from_events_wait_together_and_start_at_the_nodes_time(
+        api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    admission = Admission(db, answer_window=0.3)
+    decisions = [await admission.decide(request(node_id, exts[n], n)) for n in range(4)]
+    started = {r["id"]: r["started_at"] for r in await db.fetch("SELECT id, started_at"
+                                                                 " FROM calls")}
+    now = await db.fetchval("SELECT now()")
+    times = [started[decisions[0].call_id] + timedelta(milliseconds=40),  # as the node says
+             started[decisions[1].call_id] - timedelta(seconds=5),  # before its admission
+             now + timedelta(hours=1),  # a node clock far ahead: no later than the database's
+             None]  # no time: the database's
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    first = asyncio.create_task(admission.answer(decisions[0].call_id, "PJSIP/c-0", times[0],
+                                                 urgent=False))
+    await asyncio.sleep(0.1)
+    assert await db.fetchval("SELECT count(*) FROM calls WHERE answered_at IS NOT NULL") == 0
+    rest = [asyncio.create_task(admission.answer(d.call_id, f"PJSIP/c-{n}", at, urgent=False))
+            for n, (d, at) in enumerate(zip(decisions[1:], times[1:], strict=True), 1)]
+    grants = [await first] + [await t for t in rest]
+    waited = loop.time() - t0
+    after = await db.fetchval("SELECT now()")
+    assert grants == [d.grant for d in decisions]
+    assert admission._answers.flushes == 1 and 0.25 <= waited < 2
+    rows = {r["id"]: r for r in await db.fetch(
+        "SELECT id, callee_channel, answered_at, granted_until - answered_at AS granted"
+        " FROM calls")}
+    got = [rows[d.call_id] for d in decisions]
+    assert got[0]["answered_at"] == times[0]
+    assert got[1]["answered_at"] == started[decisions[1].call_id]
+    assert now <= got[2]["answered_at"] <= after
+    assert now <= got[3]["answered_at"] <= after
+    assert [g["callee_channel"] for g in got] == [f"PJSIP/c-{n}" for n in range(4)]
+    assert all(g["granted"] == timedelta(seconds=d.grant)
+               for g, d in zip(got, decisions, strict=True))
+    # alone, the single statement keeps the same bounds
+    late = await admission.decide(request(node_id, exts[5], 5))
+    assert await admission.answer(late.call_id, "PJSIP/c-5",
+                                  now - timedelta(days=1)) == late.grant
+    assert await db.fetchval("SELECT answered_at = started_at FROM calls WHERE id = $1",
+                             late.call_id)
+
+
 def file_line(decision, req: CallRequest, talk: float, *, sequence: int = 0) -> str:
     """A line of the node's CDR file (asterisk-conf/cdr_custom.conf) for `decision`."""
     line = cdr_line(decision, req, talk, sequence=sequence)
@@ -369,7 +413,8 @@ async def test_answers_lease_renewals_and_settlements_never_deadlock(
         for part in shuffled(15):
             async with db.acquire() as conn:
                 await calls_store.answered(
-                    conn, [(d.call_id, f"PJSIP/c-{n}") for n, (d, _) in enumerate(part)], 30.0)
+                    conn, [(d.call_id, f"PJSIP/c-{n}", None) for n, (d, _) in enumerate(part)],
+                    30.0)
 
     async def settle() -> None:
         for part in shuffled(20):

@@ -63,3 +63,26 @@ async def test_a_caller_that_gave_up_is_not_flushed_and_batches_are_bounded():
     await first
     assert [await t for t in rest] == ["Y", "Y", "Y"]
     assert flush.batches == [[(0, "a")], [(4, "y")], [(6, "y"), (8, "y")]]
+
+
+async def test_items_in_no_hurry_wait_for_company_until_an_urgent_one_comes():
+    flush = Flusher()
+    flush.release.set()
+    batcher = Batcher(flush, default="none", window=0.2)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    first = asyncio.create_task(batcher.submit(0, "a"))
+    await asyncio.sleep(0.05)
+    assert flush.batches == []  # still waiting for company
+    second = asyncio.create_task(batcher.submit(2, "b"))
+    assert [await first, await second] == ["A", "B"]
+    assert flush.batches == [[(0, "a"), (2, "b")]]
+    assert loop.time() - start >= 0.19
+    # an urgent item takes whatever waits with it at once
+    start = loop.time()
+    waiting = asyncio.create_task(batcher.submit(4, "c"))
+    await asyncio.sleep(0.01)
+    assert await batcher.submit(6, "d", urgent=True) == "D"
+    assert await waiting == "C"
+    assert loop.time() - start < 0.15
+    assert flush.batches[1:] == [[(4, "c"), (6, "d")]]
