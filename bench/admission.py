@@ -39,7 +39,11 @@ What it does, end to end, cleaning up whatever it started even on failure:
      that the agent hears it from Asterisk), and after --hold the call's CDR line appended
      to the node's CDR file, as Asterisk writes it, so the agent settles every call as on a
      real node. The target is judged
-     at the last rate (500/s).
+     at the last rate (500/s). The client is bench/agi_load.c, compiled for the run with the
+     machine's cc (--agi-client c, the default): one thread on epoll, as light as Asterisk's
+     own side of FastAGI; --agi-client python places the same calls from this process's
+     event loop, which took 17-25 % of a core at 500/s and added its own delays to every
+     admission it timed.
   6. (3) The agent stops; --memory-extensions extensions are inserted by SQL (statements of
      500 rows, every trigger runs) into 20 more tenants; RSS of the API idle, then while it
      pages through all of them; a plain `pbxctl agent` starts and reconciles the node (it
@@ -262,7 +266,9 @@ class Stack:
     def timings(self) -> Path:
         return self.workdir / "timings.json"
 
-    def cpu_sample(self, uac: int | None = None, uas: int | None = None) -> dict[str, Any]:
+    def cpu_sample(self, uac: int | None = None, uas: int | None = None,
+                   client: int | None = None) -> dict[str, Any]:
+        """CPU seconds of each role; `client`, the C load generator's, counts as the bench."""
         busy, total = host_cpu()
         me = resource.getrusage(resource.RUSAGE_SELF)
         return {"t": time.monotonic(),
@@ -271,7 +277,8 @@ class Stack:
                 "pg": tree_cpu(self.postmaster),
                 "api": cpu_seconds(self.api.pid if self.api else None),
                 "uac": cpu_seconds(uac), "uas": cpu_seconds(uas),
-                "bench": me.ru_utime + me.ru_stime, "busy": busy, "total": total,
+                "bench": me.ru_utime + me.ru_stime + cpu_seconds(client), "busy": busy,
+                "total": total,
                 "steal": host_steal()}
 
     @staticmethod
@@ -1045,6 +1052,20 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
                 run.waits[row["w"]] += 1
             await asyncio.sleep(0.02)
 
+    if args.agi_client == "c":
+        cdr.close()
+        sampler = asyncio.create_task(sample_waits())
+        try:
+            await c_client_run(stack, world, args, agi_port, run, calls, stamp)
+        finally:
+            sampling.set()
+            await sampler
+        run.drained, run.leftover = await quiesce(stack, conn, world.node_id,
+                                                  args.drain_within)
+        if instrumented:
+            run.timings = await agent_timings(stack)
+        return run
+
     answers = AmiAnswers(stack.node)
     await answers.open()
     sampler = asyncio.create_task(sample_waits())
@@ -1078,6 +1099,75 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
         run.timings = await agent_timings(stack)
     run.errors.update(client.errors)
     return run
+
+
+AGI_LOAD_SOURCE = BENCH / "agi_load.c"
+
+
+def build_agi_load(workdir: Path) -> Path:
+    """The C load generator (bench/agi_load.c), compiled for this run."""
+    binary = workdir / "agi_load"
+    if not binary.exists():
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise BenchError("--agi-client c needs a C compiler (Debian: gcc); or use "
+                             "--agi-client python")
+        done = subprocess.run([cc, "-O2", "-Wall", "-Wno-format-truncation", "-o", str(binary),
+                               str(AGI_LOAD_SOURCE)], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise BenchError(f"building {AGI_LOAD_SOURCE.name} failed:\n{done.stderr[-2000:]}")
+    return binary
+
+
+async def c_client_run(stack: Stack, world: World, args: argparse.Namespace, agi_port: int,
+                       run: AgiRun, calls: list[tuple[Any, str, str, int]], stamp: str) -> None:
+    """Part (2) placed by bench/agi_load.c: the same calls, environment, answers and CDR
+    lines as the Python client, from one thread on epoll."""
+    binary = build_agi_load(stack.workdir)
+    calls_file = stack.workdir / "agi_calls.txt"
+    calls_file.write_text("".join(f"{caller.code} {caller.number} {tenant} {direction} "
+                                  f"{dialled}\n" for caller, direction, dialled, tenant in calls))
+    node = stack.node
+    proc = await asyncio.create_subprocess_exec(
+        str(binary), str(agi_port), str(run.rate), str(run.seconds), str(args.hold), NODE_NAME,
+        stamp, str(world.carrier), str(calls_file), str(node.cdr_file), node.address,
+        str(node.ami_port), node.ami_user, node.ami_secret,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    cpu0 = stack.cpu_sample(client=proc.pid)
+    cpu1: dict[str, Any] | None = None
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(run.seconds + args.hold + 90):
+            while line := await proc.stdout.readline():
+                kind, *rest = line.decode().split()
+                if kind == "paced":
+                    cpu1 = stack.cpu_sample(client=proc.pid)
+                    log(f"  agi_load: {float(rest[2]) / max(1e-6, float(rest[1])) * 100:.1f}%"
+                        " of a core while placing the calls")
+                    run.sent, run.achieved = int(rest[0]), int(rest[0]) / max(1e-6,
+                                                                               float(rest[1]))
+                elif kind == "call":
+                    _, latency_us, late_us, decision, sip_code, reason = rest
+                    run.late.append(int(late_us) / 1e6)
+                    if decision.startswith("error:"):
+                        run.errors[decision] += 1
+                        continue
+                    run.admit.append(int(latency_us) / 1e6)
+                    if decision == "admit":
+                        run.admitted += 1
+                    else:
+                        why = reason if reason != "-" else decision
+                        run.refused[f"{why} ({sip_code if sip_code != '0' else ''})"] += 1
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise BenchError(f"agi_load failed ({proc.returncode}): "
+                         f"{(await proc.stderr.read()).decode()[-2000:]}")
+    run.cpu = Stack.cpu_used(cpu0, cpu1 or stack.cpu_sample())
 
 
 def describe_agi(r: AgiRun) -> str:
@@ -1372,7 +1462,8 @@ def build_report(r: Report) -> str:
             "(2) FastAGI driven directly: each call is admit, answer at once, and its CDR line "
             f"appended to the node's file after {a.hold:g} s",
             "  (the agent settles it as it would a real call); ms, admit timed from connect to "
-            "close",
+            "close; load generator: " + ("bench/agi_load.c (C, epoll)" if a.agi_client == "c"
+                                         else "this process (Python, uvloop)"),
             "",
             "    rate  sent  admitted  refused   admit p50     p90     p99     max   decide p50"
             "     p99   loop lag p99  agent%  pg%  oth%",
@@ -1677,6 +1768,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agi-rates", type=int_list, default=[100, 250, 500],
                    help="calls/s of (2), one run each; the target is judged at the last")
     p.add_argument("--agi-seconds", type=float, default=20.0, help="length of (2)")
+    p.add_argument("--agi-client", choices=("c", "python"), default="c",
+                   help="(2)'s load generator: bench/agi_load.c (compiled with cc), or the "
+                        "same calls from this process's event loop")
     p.add_argument("--memory-extensions", type=int, default=100_000,
                    help="extensions seeded for (3)")
     p.add_argument("--memory-window", type=float, default=60.0,
