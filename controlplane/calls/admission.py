@@ -188,17 +188,19 @@ class Parties:
             self.cache.drop((kind, key, tenant_id))
 
 
-def rate_json(rate: Rate) -> str:
-    return json.dumps({"id": rate.id, "prefix": rate.prefix,
-                       "price_per_minute": str(rate.price_per_minute),
-                       "connection_fee": str(rate.connection_fee),
-                       "first_increment": rate.first_increment,
-                       "next_increment": rate.next_increment,
-                       "free_seconds": rate.free_seconds, "description": rate.description,
-                       "call_class": rate.call_class})
+def rate_json(rate: Rate) -> dict[str, Any]:
+    """The rate a call is billed at, as the call keeps it (`calls.rate`, a JSON object: the
+    pool's jsonb codec encodes it)."""
+    return {"id": rate.id, "prefix": rate.prefix,
+            "price_per_minute": str(rate.price_per_minute),
+            "connection_fee": str(rate.connection_fee), "first_increment": rate.first_increment,
+            "next_increment": rate.next_increment, "free_seconds": rate.free_seconds,
+            "description": rate.description, "call_class": rate.call_class}
 
 
 def rate_from_json(raw: str | dict[str, Any] | None) -> Rate | None:
+    """A call's rate as kept: a JSON object, or a string holding one (calls admitted by
+    earlier releases, which encoded it twice)."""
     if raw is None:
         return None
     data = json.loads(raw) if isinstance(raw, str) else raw

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ import asyncpg
 import pytest
 
 from controlplane.calls import cdr_file, lifecycle
-from controlplane.calls.admission import Admission, CallRequest
+from controlplane.calls.admission import Admission, CallRequest, rate_from_json
 from controlplane.calls.cdr_file import CdrLine
 from controlplane.store import calls as calls_store
 from tests.api_helper import Api
@@ -73,6 +74,20 @@ async def test_simultaneous_arrivals_never_pass_a_dealers_cap(api: Api, db: asyn
         assert await conn.fetchval("SELECT count(*) FROM calls") == 7
         assert await conn.fetchval("SELECT active FROM call_counters WHERE kind = 'd'"
                                    " AND id = $1", dist["id"]) == 7
+
+
+async def test_a_call_keeps_its_rate_as_a_json_object(api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    decision = await Admission(db).decide(request(node_id, exts[0], 1))
+    assert decision.admitted
+    row = await db.fetchrow("SELECT jsonb_typeof(rate) AS kind, rate->>'prefix' AS prefix,"
+                            " rate->>'price_per_minute' AS price FROM calls WHERE id = $1",
+                            decision.call_id)
+    assert (row["kind"], row["prefix"]) == ("object", "55")
+    assert Decimal(row["price"]) == Decimal("6.00")
+    # a call admitted by an earlier release kept it as a string holding the object
+    kept = await db.fetchval("SELECT rate FROM calls WHERE id = $1", decision.call_id)
+    assert rate_from_json(json.dumps(kept)) == rate_from_json(kept) is not None
 
 
 async def test_simultaneous_calls_on_one_balance_reserve_no_more_than_it_holds(
