@@ -56,7 +56,7 @@ class CallControlConfig:
     lead: float = 10.0
     lease: float = 30.0
     lease_every: float = 5.0
-    cdr_every: float = 0.25
+    cdr_every: float = 0.05
     ahead: int = credit.AHEAD_SECONDS  # talk time reserved at a time, in whole increments
 
 
@@ -268,10 +268,10 @@ class CallControl:
     # -- CDRs -----------------------------------------------------------------------------
     async def _cdr_loop(self, stop: asyncio.Event) -> None:
         assert self.config.cdr_file is not None
+        cdrs = lifecycle.CdrImport(self.pool, self.node_id, self.config.cdr_file)
         while not stop.is_set():
             try:
-                self.cdrs_imported += await lifecycle.import_file(self.pool, self.node_id,
-                                                                  self.config.cdr_file)
+                self.cdrs_imported += await cdrs.run()
             except (OSError, *DB_ERRORS) as exc:
                 log.warning("node %s: CDR import failed (will retry): %s", self.node_name, exc)
             await _pause(stop, self.config.cdr_every)

@@ -212,14 +212,20 @@ async def settle_call(conn: asyncpg.Connection, call_id: UUID | None, granted: i
 
 
 SETTLE_MANY_SQL = "SELECT ord, outcome, stored FROM settle_calls($1::jsonb) ORDER BY ord"
+# The same, committed without waiting for the disk (the CDR import: see lifecycle._import).
+SETTLE_MANY_ASYNC_SQL = (
+    "SELECT s.ord, s.outcome, s.stored FROM settle_calls($1::jsonb) AS s,"
+    " (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit ORDER BY s.ord")
 
 
-async def settle_calls(conn: asyncpg.Connection, items: list[dict[str, Any]]
-                       ) -> list[tuple[str, bool]]:
+async def settle_calls(conn: asyncpg.Connection, items: list[dict[str, Any]], *,
+                       wait_for_disk: bool = True) -> list[tuple[str, bool]]:
     """settle_call for many CDRs in one statement (migration 0009): `items` as
     {"call", "granted", "price", "cdr", "account_code"}; (outcome, stored) for each, in order.
-    The credit accounts and call counters the batch touches are updated once each, last."""
-    rows = await conn.fetch(SETTLE_MANY_SQL, items)
+    The credit accounts and call counters the batch touches are updated once each, last.
+    `wait_for_disk` False: committed asynchronously, for a caller that flushes later."""
+    rows = await conn.fetch(SETTLE_MANY_SQL if wait_for_disk else SETTLE_MANY_ASYNC_SQL,
+                            items)
     return [(str(row["outcome"]), bool(row["stored"])) for row in rows]
 
 
@@ -257,3 +263,4 @@ async def warm(conn: asyncpg.Connection) -> None:
     await conn.fetch(ANSWERED_ONE_SQL, NO_CALL, "", None, 0.0)
     await conn.fetch(ANSWERED_SQL, [NO_CALL], [""], [None], 0.0)
     await conn.fetch(SETTLE_MANY_SQL, [{"call": str(NO_CALL)}])
+    await conn.fetch(SETTLE_MANY_ASYNC_SQL, [{"call": str(NO_CALL)}])

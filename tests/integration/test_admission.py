@@ -389,6 +389,43 @@ async def test_one_import_settles_many_calls_on_one_balance_exactly(
                              dist["id"]) == 0
 
 
+class NoPool:
+    """A pool nobody may use: an import that finds nothing new must not ask the database."""
+
+    def acquire(self):
+        raise AssertionError("the database was asked although the file had not grown")
+
+
+async def test_the_import_asks_the_database_only_when_the_file_grew(
+        api: Api, db: asyncpg.Pool, tmp_path, monkeypatch):
+    node_id, _, exts = await setup(api)
+    admission = Admission(db)
+    reqs = [request(node_id, exts[n], n) for n in range(4)]
+    decisions = [await admission.decide(r) for r in reqs]
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_text(file_line(decisions[0], reqs[0], 3.0))
+    importer = lifecycle.CdrImport(db, node_id, path)
+    assert await importer.run() == 1
+    importer.pool = NoPool()
+    assert await importer.run() == 0  # unchanged: a stat, no query
+    importer.pool = db
+    with path.open("a") as fh:
+        fh.write(file_line(decisions[1], reqs[1], 3.0))
+    assert await importer.run() == 1
+    # a backlog read a chunk at a time goes on without the file growing again
+    monkeypatch.setattr(cdr_file, "MAX_CHUNK", len(file_line(decisions[2], reqs[2], 3.0)) + 8)
+    with path.open("a") as fh:
+        fh.write(file_line(decisions[2], reqs[2], 3.0) + file_line(decisions[3], reqs[3], 3.0))
+    assert await importer.run() == 1
+    assert await importer.run() == 1
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+    assert await db.fetchval("SELECT count(*) FROM cdrs") == 4
+    # its settlements did not wait for the disk, but that left no session setting behind
+    for _ in range(3):
+        async with db.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+
+
 async def test_a_node_with_calls_in_progress_cannot_be_deleted(api: Api, db: asyncpg.Pool):
     node_id, _, exts = await setup(api)
     decision = await Admission(db).decide(request(node_id, exts[0], 1))
