@@ -19,6 +19,10 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 R = TypeVar("R")
 
+class BatchCancelled(RuntimeError):
+    """The batching task was cancelled (its process stopping) before the item was flushed."""
+
+
 class Batcher(Generic[K, V, R]):
     """`flush(items)` answers a mapping from each item's key to its result; an item whose
     key is absent gets `default`. A failed flush fails every item it carried."""
@@ -59,7 +63,7 @@ class Batcher(Generic[K, V, R]):
                 try:
                     results = await self.flush([(k, v) for k, v, _ in live])
                 except asyncio.CancelledError:
-                    _fail(live, RuntimeError("the batch was cancelled"))
+                    _fail(live, BatchCancelled("the batch was cancelled"))
                     raise
                 except Exception as exc:  # every caller of the batch hears of it; we go on
                     _fail(live, exc)
@@ -70,7 +74,7 @@ class Batcher(Generic[K, V, R]):
         finally:
             self._task = None
             # cancelled with items left: they fail rather than wait forever
-            _fail(self._queue, RuntimeError("the batch was cancelled"))
+            _fail(self._queue, BatchCancelled("the batch was cancelled"))
             self._queue.clear()
 
 

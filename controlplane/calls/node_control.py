@@ -34,6 +34,7 @@ from controlplane.asterisk.ari import AriClient, AriError
 from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer
 from controlplane.calls import credit, lifecycle
 from controlplane.calls.admission import Admission, CallRequest, Decision, unavailable
+from controlplane.calls.batching import BatchCancelled
 from controlplane.db.listen import listen_forever
 from controlplane.store import calls as store
 
@@ -219,6 +220,11 @@ class CallControl:
             return None
         try:
             return await self.admission.answer(call_id, channel, at, urgent=at is None)
+        except BatchCancelled:
+            # stopping while the answer waited for others: the next start asks the node
+            # about its calls still unanswered (resync_answers)
+            log.info("node %s: answer of %s left for the next start", self.node_name, call_id)
+            return None
         except DB_ERRORS as exc:
             # The end set from the admission's grant stays: the call is still cut on time.
             log.warning("node %s: answer of %s not recorded (%s)", self.node_name, call_id, exc)

@@ -86,3 +86,17 @@ async def test_items_in_no_hurry_wait_for_company_until_an_urgent_one_comes():
     assert await waiting == "C"
     assert loop.time() - start < 0.15
     assert flush.batches[1:] == [[(4, "c"), (6, "d")]]
+
+
+async def test_items_left_by_a_cancelled_batcher_fail_as_cancelled():
+    from controlplane.calls.batching import BatchCancelled
+
+    flush = Flusher()
+    batcher = Batcher(flush, default="none", window=10)
+    waiting = asyncio.create_task(batcher.submit(0, "a"))
+    await asyncio.sleep(0.01)
+    assert batcher._task is not None
+    batcher._task.cancel()
+    with pytest.raises(BatchCancelled):
+        await waiting
+    assert flush.batches == []
