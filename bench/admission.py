@@ -1478,8 +1478,15 @@ def build_report(r: Report) -> str:
                 f"{max(adm, default=math.nan):7.1f}   {pct(dec, .5):9.2f} {pct(dec, .99):7.2f}"
                 f"   {pct(lag, .99):12.2f}  {g.cpu['agent']:6.0f} {g.cpu['pg']:4.0f} "
                 f"{g.cpu['other']:5.0f}" + ("" if g.drained else "  NOT drained"))
-        g = r.agi[-1]
+        # the last rate's trials: the one with the median p99 is shown and judged
+        trials = sorted((g for g in r.agi if g.rate == r.agi[-1].rate),
+                        key=lambda g: pct(g.admit, .99))
+        g = trials[(len(trials) - 1) // 2]
         t = g.timings
+        if len(trials) > 1:
+            out += ["", f"  {len(trials)} trials at {g.rate:g}/s, admit p99 (client) "
+                    + ", ".join(f"{1000 * pct(x.admit, .99):.2f}" for x in trials)
+                    + " ms: below, the one with the median"]
         out += [
             "",
             f"  at {g.rate:g} calls/s for {g.seconds:g} s ({g.sent} calls, achieved "
@@ -1510,8 +1517,9 @@ def build_report(r: Report) -> str:
                          for k, v in g.waits.most_common(8)) or "none"),
         ]
         p99 = 1000 * pct(g.admit, .99)
-        out += [f"  target (2) admit p99 <= {TARGET_P99_MS:g} ms at {g.rate:g}/s: "
-                f"{p99:.2f} ms {mark(p99 <= TARGET_P99_MS)}", ""]
+        out += [f"  target (2) admit p99 <= {TARGET_P99_MS:g} ms at {g.rate:g}/s"
+                + (f" (median of {len(trials)} trials)" if len(trials) > 1 else "")
+                + f": {p99:.2f} ms {mark(p99 <= TARGET_P99_MS)}", ""]
     if r.memory is not None:
         m = r.memory
 
@@ -1704,9 +1712,15 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> int:
                     log("FastAGI: warm-up, then " + ", ".join(f"{r}/s" for r in args.agi_rates)
                         + f" for {args.agi_seconds:g} s each")
                     await agi_run(stack, conn, world, args, agi_port, "warm-up", 50, 2, calls)
-                    for rate in args.agi_rates:
-                        run = await agi_run(stack, conn, world, args, agi_port,
-                                            f"FastAGI {rate}/s", rate, args.agi_seconds, calls)
+                    last = len(args.agi_rates) - 1
+                    steps = [(rate, 1) for rate in args.agi_rates[:last]] + [
+                        (args.agi_rates[last], trial) for trial in range(1, args.agi_trials + 1)]
+                    for rate, trial in steps:
+                        label = f"FastAGI {rate}/s" + (f" trial {trial}"
+                                                       if args.agi_trials > 1 and
+                                                       rate == args.agi_rates[last] else "")
+                        run = await agi_run(stack, conn, world, args, agi_port, label, rate,
+                                            args.agi_seconds, calls)
                         report.agi.append(run)
                         log("  " + describe_agi(run))
                         if args.pg_statements:
@@ -1771,6 +1785,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agi-rates", type=int_list, default=[100, 250, 500],
                    help="calls/s of (2), one run each; the target is judged at the last")
     p.add_argument("--agi-seconds", type=float, default=20.0, help="length of (2)")
+    p.add_argument("--agi-trials", type=int, default=3,
+                   help="runs of (2) at the last of --agi-rates: the host's load moves the "
+                        "tail from run to run, so the target is judged on the median p99")
     p.add_argument("--agi-client", choices=("c", "python"), default="c",
                    help="(2)'s load generator: bench/agi_load.c (compiled with cc), or the "
                         "same calls from this process's event loop")
@@ -1815,6 +1832,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--only takes calls, agi, memory")
     if len(args.caps) != 4:
         p.error("--caps takes four numbers")
+    if args.agi_trials < 1:
+        p.error("--agi-trials must be at least 1")
     try:
         Decimal(args.credit)
     except ArithmeticError:
