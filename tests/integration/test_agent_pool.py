@@ -5,6 +5,7 @@ and locks nothing, and it copes with a database not migrated yet."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -101,3 +102,16 @@ async def test_an_agents_pool_opens_on_a_database_not_migrated_and_warms_after(
         assert len(set(warmed)) == 3  # each connection of the pool, once
     finally:
         await pool.close()
+
+
+async def test_the_tables_every_call_writes_are_vacuumed_early_and_at_full_speed(db):
+    rows = await db.fetch("SELECT relname, reloptions FROM pg_class WHERE relname = ANY ($1)",
+                          ["calls", "call_counters", "credit_accounts"])
+    options = {r["relname"]: set(r["reloptions"] or []) for r in rows}
+    assert set(options) == {"calls", "call_counters", "credit_accounts"}
+    for table, opts in options.items():
+        assert {"autovacuum_vacuum_scale_factor=0", "autovacuum_vacuum_threshold=2000",
+                "autovacuum_vacuum_cost_delay=0"} <= opts, table
+    # the embedded server looks for work every 5 s, not once a minute
+    if not os.environ.get("PBX_TEST_DSN"):
+        assert await db.fetchval("SHOW autovacuum_naptime") == "5s"
