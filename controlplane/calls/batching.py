@@ -19,6 +19,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 R = TypeVar("R")
 
+
 class BatchCancelled(RuntimeError):
     """The batching task was cancelled (its process stopping) before the item was flushed."""
 

@@ -99,6 +99,15 @@ def file_id(path: Path) -> str | None:
     return f"{st.st_dev}:{st.st_ino}"
 
 
+def state(path: Path) -> tuple[str, int] | None:
+    """(file_id, size) from one `stat`; None when there is no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}", st.st_size
+
+
 def size(path: Path) -> int:
     try:
         return os.stat(path).st_size

@@ -161,8 +161,8 @@ class CdrImport:
         self.reached: tuple[str, int] | None = None  # (file identity, offset) imported to
 
     async def run(self) -> int:
-        ident = cdr_file.file_id(self.path)
-        if ident is None or self.reached == (ident, cdr_file.size(self.path)):
+        now = cdr_file.state(self.path)
+        if now is None or now == self.reached:
             return 0
         stored, self.reached = await _import(self.pool, self.node_id, self.path)
         return stored
