@@ -389,6 +389,45 @@ async def test_one_import_settles_many_calls_on_one_balance_exactly(
                              dist["id"]) == 0
 
 
+async def test_a_batch_settles_each_call_once_and_stores_each_cdr_once(
+        api: Api, db: asyncpg.Pool):
+    node_id, dist, exts = await setup(api, dealer_calls=5, credit="10.00")
+    req = request(node_id, exts[0], 1)
+    decision = await Admission(db, ahead=6).decide(req)
+    assert decision.admitted and decision.grant == 6
+    call = (await calls_store.calls_by_id(db, [decision.call_id]))[decision.call_id]
+    line = cdr_line(decision, req, 4.0)
+    # a refused call's line: no call, no tenant, only the caller's account code
+    refused = dataclasses.replace(line, uniqueid="refused-1", call_id=None, tenant_id=None,
+                                  talk_seconds=0.0, answered_at=None)
+    moved = lifecycle._settlement(node_id, line, call) | {"granted": 60}
+    items = [moved,                                             # priced for a grant it lacks
+             lifecycle._settlement(node_id, line, call),        # settles the call
+             lifecycle._settlement(node_id, dataclasses.replace(line, sequence=1), call),
+             lifecycle._settlement(node_id, refused, None),
+             lifecycle._settlement(node_id, refused, None)]     # the same node line again
+    async with db.acquire() as conn:
+        results = await calls_store.settle_calls(conn, items)
+        assert results == [("stale", False), ("settled", True), ("no_call", False),
+                           ("no_call", True), ("no_call", False)]
+        cdrs = await conn.fetch("SELECT * FROM cdrs ORDER BY id")
+        assert [c["uniqueid"] for c in cdrs] == [req.channel, "refused-1"]
+        assert cdrs[0]["price"] == Decimal("0.6000") and cdrs[0]["sequence"] == 0
+        # the refused call's CDR found its tenant, and that tenant's dealer chain
+        assert cdrs[1]["tenant_id"] == exts[0]["tenant_id"] and cdrs[1]["call_id"] is None
+        assert dist["id"] in cdrs[1]["dealer_path"]
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 0
+        assert await conn.fetchval("SELECT balance FROM credit_accounts WHERE extension_id"
+                                   " = $1", exts[0]["id"]) == Decimal("9.4000")
+        assert await conn.fetch("SELECT kind, active FROM call_counters WHERE active <> 0") == []
+        # read again, the whole batch changes nothing
+        again = await calls_store.settle_calls(conn, items[1:])
+        assert again == [("no_call", False)] * 4
+        assert await conn.fetchval("SELECT count(*) FROM cdrs") == 2
+        assert await conn.fetchval("SELECT count(*) FROM credit_movements WHERE reason = 'call'"
+                                   ) == 1
+
+
 class NoPool:
     """A pool nobody may use: an import that finds nothing new must not ask the database."""
 
