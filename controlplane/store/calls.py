@@ -53,7 +53,7 @@ class Stale(Exception):
 # counters' locks back at once: every admission of the same dealers waits for them, and
 # waiting for the flush with them held made admissions queue one flush after another. The
 # decision is made durable before anyone hears of it by a transaction of its own that
-# commits synchronously, in the same CALL (migrations 0008 and 0010): the WAL is flushed in
+# commits synchronously, in the same CALL (migrations 0008, 0010 and 0014): the WAL is flushed in
 # order, so past the admission too, and many sessions' flushes share one write (group
 # commit), none of them holding a counter. It commits: never call it inside a transaction
 # block.
@@ -64,7 +64,7 @@ ADMIT_SQL = ("CALL admit_call_checked($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $
 async def admit(conn: asyncpg.Connection, v: dict[str, Any], lease: float,
                 checks: Sequence[tuple[str, str, int | None, str]] = ()) -> int | None:
     """Record the call, reserve its credit and take its slots, in one statement (see
-    migrations 0006, 0008 and 0010), durable when it returns. `checks`: (kind, key, tenant,
+    migrations 0006, 0008, 0010 and 0014), durable when it returns. `checks`: (kind, key, tenant,
     facts) of each party read earlier than this decision (see `party`), which must read the
     same now; Stale when one does not. Returns the seconds granted (None: not limited)."""
     try:
@@ -220,7 +220,7 @@ SETTLE_MANY_ASYNC_SQL = (
 
 async def settle_calls(conn: asyncpg.Connection, items: list[dict[str, Any]], *,
                        wait_for_disk: bool = True) -> list[tuple[str, bool]]:
-    """settle_call for many CDRs in one statement (migration 0009): `items` as
+    """settle_call for many CDRs in one statement (migrations 0009 and 0013): `items` as
     {"call", "granted", "price", "cdr", "account_code"}; (outcome, stored) for each, in order.
     The credit accounts and call counters the batch touches are updated once each, last.
     `wait_for_disk` False: committed asynchronously, for a caller that flushes later."""
