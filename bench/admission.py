@@ -1170,6 +1170,20 @@ async def c_client_run(stack: Stack, world: World, args: argparse.Namespace, agi
     run.cpu = Stack.cpu_used(cpu0, cpu1 or stack.cpu_sample())
 
 
+def per_second_p99(r: AgiRun) -> str:
+    """The client's admit p99 of each second of the run, best, median and worst: near the
+    whole run's p99 in most seconds, the tail is queueing spread over the run; low in most
+    and high in a few, it is a few stalls."""
+    step = max(1, round(r.rate))
+    seconds = sorted(1000 * pct(r.admit[at:at + step], .99)
+                     for at in range(0, len(r.admit) - step + 1, step))
+    if not seconds:
+        return "admit p99 per second: -"
+    return (f"admit p99 (client) of each of the run's {len(seconds)} seconds: best "
+            f"{seconds[0]:.2f}, median {seconds[len(seconds) // 2]:.2f}, worst "
+            f"{seconds[-1]:.2f} ms")
+
+
 def describe_agi(r: AgiRun) -> str:
     ms = [1000 * x for x in r.admit]
     return (f"{r.label}: {r.sent} sent at {r.achieved:.0f}/s, {r.admitted} admitted, "
@@ -1507,6 +1521,7 @@ def build_report(r: Report) -> str:
             f"  answer recorded (AMI event to database){ms_row(t.get('answer', []))}",
             f"  agent event-loop lag (10 ms ticks)     {ms_row(t.get('lag', []))}",
             f"  pacer lateness (this process)          {ms_row(g.late)}",
+            f"  {per_second_p99(g)}",
             f"  cpu (% of one core): agent {g.cpu['agent']:.0f}, pg {g.cpu['pg']:.0f}, "
             f"bench {g.cpu['bench']:.0f}, asterisk {g.cpu['asterisk']:.0f}, everything "
             f"else on the machine {g.cpu['other']:.0f} (of which taken by the hypervisor: "
