@@ -105,3 +105,12 @@ BEGIN
     -- WAL past the admission before the agent hears the answer
     PERFORM pg_current_xact_id();
 END $$;
+
+-- Nothing else calls the layers the admission no longer goes through.
+DROP PROCEDURE admit_call_durably(uuid, bigint, text, text, text, bigint, bigint, bigint[], text,
+                                  text, text, bigint, jsonb, bigint, numeric, integer[],
+                                  numeric[], double precision, integer);
+DROP FUNCTION admit_call(uuid, bigint, text, text, text, bigint, bigint, bigint[], text, text,
+                         text, bigint, jsonb, bigint, numeric, integer[], numeric[],
+                         double precision);
+DROP FUNCTION take_call_slots(bigint[], bigint, bigint);
