@@ -91,28 +91,14 @@ def parse_line(text: str) -> CdrLine | None:
         return None
 
 
-def file_id(path: Path) -> str | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return f"{st.st_dev}:{st.st_ino}"
-
-
 def state(path: Path) -> tuple[str, int] | None:
-    """(file_id, size) from one `stat`; None when there is no file."""
+    """(identity, size) of the file from one `stat`: its identity is device:inode, to notice
+    a new file at the same path; None when there is no file."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
     return f"{st.st_dev}:{st.st_ino}", st.st_size
-
-
-def size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
 
 
 def read_from(path: Path, offset: int) -> tuple[list[str], int]:

@@ -171,14 +171,15 @@ class CdrImport:
 async def _import(pool: asyncpg.Pool, node_id: int, path: Path
                   ) -> tuple[int, tuple[str, int] | None]:
     """import_file, and (file identity, offset) the import reached."""
-    ident = cdr_file.file_id(path)
-    if ident is None:
+    now = cdr_file.state(path)
+    if now is None:
         return 0, None
+    ident, size = now
     stored = 0
     async with pool.acquire() as conn:
         position = await store.import_position(conn, node_id)
         offset = position["offset_"] if position and position["file_id"] == ident else 0
-        if offset > cdr_file.size(path):  # truncated in place: it starts again
+        if offset > size:  # truncated in place: it starts again
             offset = 0
         texts, new_offset = cdr_file.read_from(path, offset)
         if new_offset == offset:
