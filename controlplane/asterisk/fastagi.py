@@ -44,6 +44,13 @@ class AgiRequest:
 
 Handler = Callable[[AgiRequest], Awaitable[Mapping[str, str]]]
 Fallback = Callable[[AgiRequest], Mapping[str, str]]
+# Told of a handler still running when `on_timeout` answered: it may finish (and must then
+# be undone) or be cancelled. The default cancels it.
+Abandoned = Callable[[AgiRequest, "asyncio.Task[Mapping[str, str]]"], None]
+
+
+def cancel(request: AgiRequest, task: asyncio.Task[Mapping[str, str]]) -> None:
+    task.cancel()
 
 
 class AgiProtocolError(Exception):
@@ -168,9 +175,10 @@ class _Exchange(asyncio.Protocol):
 
 class FastAgiServer:
     def __init__(self, routes: Mapping[str, Handler], *, on_timeout: Fallback,
-                 handler_timeout: float = 1.0, read_timeout: float = 2.0) -> None:
+                 on_abandoned: Abandoned = cancel, handler_timeout: float = 1.0,
+                 read_timeout: float = 2.0) -> None:
         self.routes = dict(routes)
-        self.on_timeout = on_timeout
+        self.on_timeout, self.on_abandoned = on_timeout, on_abandoned
         self.handler_timeout, self.read_timeout = handler_timeout, read_timeout
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -218,12 +226,17 @@ class FastAgiServer:
         handler = self.routes.get(request.script)
         if handler is None:
             raise AgiProtocolError(f"no FastAGI script {request.script!r}")
+        # The handler runs as a task of its own, shielded: the call is answered when the
+        # time is up, not when the handler's clean-up (a database connection given back
+        # through a silent network, say) is done.
+        task = asyncio.ensure_future(handler(request))
         try:
             async with asyncio.timeout(self.handler_timeout):
-                return await handler(request)
+                return await asyncio.shield(task)
         except TimeoutError:
             log.warning("FastAGI %s took longer than %.1fs: answering by policy",
                         request.script, self.handler_timeout)
+            self.on_abandoned(request, task)
             return self.on_timeout(request)
         except Exception:
             # A bug must not leave the call without an answer: the policy answers.

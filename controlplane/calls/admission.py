@@ -69,12 +69,15 @@ class Decision:
     variables: dict[str, str] = field(default_factory=dict)
 
     def channel_variables(self) -> dict[str, str]:
+        """What the node's dialplan reads; `variables` override (an undecided call says so,
+        and the dialplan applies the node's fail policy)."""
         if not self.admitted:
-            return {"PBX_DECISION": "refuse", "PBX_SIP_CODE": str(self.sip_code),
-                    "PBX_REASON": self.reason}
-        out = {"PBX_DECISION": "admit", "PBX_CALL": str(self.call_id),
-               "PBX_TARGET": self.target, "PBX_GRANT": "" if self.grant is None else
-               str(self.grant)}
+            out = {"PBX_DECISION": "refuse", "PBX_SIP_CODE": str(self.sip_code),
+                   "PBX_REASON": self.reason}
+        else:
+            out = {"PBX_DECISION": "admit", "PBX_CALL": str(self.call_id),
+                   "PBX_TARGET": self.target, "PBX_GRANT": "" if self.grant is None else
+                   str(self.grant)}
         out.update(self.variables)
         return out
 
@@ -93,8 +96,8 @@ LEVEL_REFUSAL = {"e": (486, "extension_call_limit"), "t": (503, "tenant_call_lim
 
 def unavailable(policy: str) -> Decision:
     """What to answer when the decision cannot be taken in time (database unreachable)."""
-    if policy == "open":
-        return Decision(False, 0, "admission_unavailable_open",
+    if policy == "open":  # the dialplan lets internal calls through, uncounted
+        return Decision(False, 503, "admission_unavailable",
                         variables={"PBX_DECISION": "unavailable"})
     return Decision(False, 503, "admission_unavailable")
 

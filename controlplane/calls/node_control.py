@@ -89,6 +89,7 @@ class CallControl:
         self.admission = Admission(pool, lease=config.lease, ahead=config.ahead)
         self.agi = FastAgiServer({"admit": self._admit, "answer": self._answer},
                                  on_timeout=self._on_timeout,
+                                 on_abandoned=self._on_abandoned,
                                  handler_timeout=config.decision_timeout)
         self.agi_url = ""
         self.carriers_dirty = asyncio.Event()
@@ -190,6 +191,35 @@ class CallControl:
         if req.script == "admit":
             return unavailable(self.config.fail_policy).channel_variables()
         return {}
+
+    def _on_abandoned(self, req: AgiRequest, task: asyncio.Task[Mapping[str, str]]) -> None:
+        """The node was answered by policy while the decision went on: an admission that
+        still commits is undone, since its call will never ring."""
+        if req.script == "admit":
+            task.add_done_callback(self._release_if_admitted)
+        else:
+            task.cancel()
+
+    def _release_if_admitted(self, task: asyncio.Task[Mapping[str, str]]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # nothing was admitted (the failure was logged where it happened)
+        call = task.result().get("PBX_CALL")
+        if call:
+            self._in_background(self._release_abandoned(uuid.UUID(call)))
+
+    async def _release_abandoned(self, call_id: uuid.UUID) -> None:
+        try:
+            async with self.pool.acquire(timeout=self.config.lease) as conn:
+                released = await store.release_abandoned(conn, call_id,
+                                                         timeout=self.config.lease)
+        except DB_ERRORS as exc:
+            log.warning("node %s: call %s, admitted after its node was answered by policy, "
+                        "not released (%r): its lease will release it", self.node_name,
+                        call_id, exc)
+            return
+        if released:
+            log.warning("node %s: call %s was admitted after its node was answered by "
+                        "policy; released", self.node_name, call_id)
 
     async def _answer(self, req: AgiRequest) -> Mapping[str, str]:
         grant = await self._record_answer(req.args[0] if req.args else "", req.channel)

@@ -195,6 +195,14 @@ async def expired(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Re
                             " ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED", limit)
 
 
+async def release_abandoned(conn: asyncpg.Connection, call_id: UUID, *,
+                            timeout: float) -> bool:
+    """End a call admitted after its node stopped waiting for the answer, giving back its
+    slots and reservation, without a CDR (migration 0016). False: it had ended already."""
+    return bool(await conn.fetchval("SELECT release_abandoned_call($1)", call_id,
+                                    timeout=timeout))
+
+
 SETTLE_SQL = "SELECT outcome, stored FROM settle_call($1, $2, $3, $4::jsonb, $5, $6)"
 
 

@@ -62,6 +62,16 @@ async def sipp(scenario: str, target: str | None, rows: list[str], *, port: int,
                    out.decode(errors="replace")[-3000:])
 
 
+def refused_scenario(code: int) -> str:
+    """uac_refused.xml, succeeding only when the call is refused with `code` (not 404)."""
+    text = (SCENARIOS / "uac_refused.xml").read_text(encoding="iso-8859-1")
+    final = '<recv response="404" />'
+    assert text.count(final) == 1
+    path = Path(tempfile.gettempdir()) / f"pbx-uac-refused-{code}.xml"
+    path.write_text(text.replace(final, f'<recv response="{code}" />'), encoding="iso-8859-1")
+    return str(path)
+
+
 async def register(phone: Phone, *, port: int | None = None, timeout: float = 5) -> SippRun:
     return await sipp("register.xml", f"{phone.registrar}:5060", [phone.row()],
                       port=port or next_port(), timeout=timeout)

@@ -15,10 +15,12 @@ import pytest
 
 from controlplane.calls import lifecycle
 from controlplane.calls.node_control import CallControlConfig
+from controlplane.db.pool import create_pool
 from controlplane.provisioning.agent import NodeAgent
 from controlplane.provisioning.desired import load_node
 from controlplane.sandbox import SandboxNode
-from tests.e2e.sipp import Phone, SippRun, next_port, register, sipp
+from tests.e2e.sipp import Phone, SippRun, next_port, refused_scenario, register, sipp
+from tests.pg_relay import PgRelay
 
 pytestmark = pytest.mark.e2e
 
@@ -73,15 +75,19 @@ class Calls:
         self.lease = 30.0
         self.ahead = 60
 
-    async def start_agent(self, i: int, role: str = "all") -> NodeAgent:
+    async def start_agent(self, i: int, role: str = "all", *, pool: Any = None,
+                          fail_policy: str = "closed") -> NodeAgent:
+        """Node i's agent; `pool`: the database as this agent reaches it (default the
+        tests' own)."""
         node = self.nodes[i]
         async with self.db.acquire() as conn:
             record = await load_node(conn, node.name)
         config = CallControlConfig(agi_port=0, cdr_file=node.cdr_file, tick=0.2, lead=5.0,
                                    lease=self.lease, lease_every=0.5, cdr_every=0.1,
-                                   ahead=self.ahead)
-        agent = NodeAgent(self.db, record, node.tenant_config_dir, dsn=self.settings.dsn,
-                          manage_interface="lo", debounce=0.1, calls=config, role=role)
+                                   ahead=self.ahead, fail_policy=fail_policy)
+        agent = NodeAgent(pool or self.db, record, node.tenant_config_dir,
+                          dsn=self.settings.dsn, manage_interface="lo", debounce=0.1,
+                          calls=config, role=role)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         self.agents[i if role == "all" else (i, role)] = (agent, stop, task)
@@ -341,9 +347,11 @@ async def test_refusals_answer_with_the_sip_code_of_their_reason(calls):
     _, local_only = await calls.phone(tenant, registrar, "5002", plan_id=world["plan"]["id"],
                                       allow_international=False)
     await calls.settle()
-    no_credit = await place(broke, "33334444")
-    forbidden = await place(local_only, "+14155550100")
-    assert not no_credit.ok and not forbidden.ok
+    # each scenario succeeds only if the phone receives exactly that SIP answer
+    no_credit = await place(broke, "33334444", scenario=refused_scenario(402))
+    forbidden = await place(local_only, "+14155550100", scenario=refused_scenario(403))
+    assert no_credit.ok, no_credit.output
+    assert forbidden.ok, forbidden.output
 
     async def both() -> bool:
         return len(await calls.cdrs(tenant_id=tenant["id"])) == 2
@@ -392,6 +400,14 @@ async def test_unknown_did_from_the_carrier_is_refused(calls):
                      port=next_port(), local_ip=CARRIER, timeout=5, extra=("-d", "100"))
     assert not run.ok
 
+    async def recorded() -> bool:
+        return bool(await calls.cdrs(node_id=calls.node_ids[0]))
+
+    await until(recorded, "the refused call's CDR")
+    [cdr] = await calls.cdrs(node_id=calls.node_ids[0])
+    assert (cdr["direction"], cdr["callee"]) == ("inbound", "551130009999"), cdr
+    assert (cdr["refusal"], cdr["sip_code"]) == ("callee_unknown", 404), cdr
+
 
 async def test_calls_and_cdrs_survive_the_agent_restarting(calls):
     """The call goes on while the agent is away; the restarted agent finds it (live calls
@@ -427,7 +443,8 @@ async def test_calls_and_cdrs_survive_the_agent_restarting(calls):
     # importing the node's file again from the start stores nothing twice
     async with calls.db.acquire() as conn:
         await conn.execute("UPDATE cdr_import_state SET offset_ = 0")
-    await asyncio.sleep(0.5)
+    node = calls.nodes[0]
+    assert await lifecycle.import_file(calls.db, calls.node_ids[0], node.cdr_file) == 0
     assert len(await calls.cdrs(extension_id=ext["id"])) == 1
 
 
@@ -491,6 +508,79 @@ async def test_cdr_of_a_call_refused_while_no_agent_runs_arrives_later(calls):
     await until(arrived, "the CDR written while the agent was down")
     [cdr] = await calls.cdrs(tenant_id=tenant["id"])
     assert (cdr["refusal"], cdr["sip_code"]) == ("admission_unavailable", 503)
+
+
+async def _two_phones_without_agent(calls) -> tuple[dict, Phone, Phone]:
+    """(tenant, caller, callee): two extensions of one tenant on node A, provisioned, the
+    node's agent then stopped."""
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    _, caller = await calls.phone(tenant, registrar, "7301", plan_id=world["plan"]["id"])
+    _, callee = await calls.phone(tenant, registrar, "7302", credit=None)
+    await calls.settle()
+    await calls.stop_agent(0)
+    return tenant, caller, callee
+
+
+async def _cut_off_call_control(calls, relay: PgRelay, policy: str) -> Any:
+    """Node A's call control in a process of its own, reaching the database through
+    `relay`, which is then cut; returns its pool."""
+    pool = await create_pool(relay.dsn, calls.settings)
+    await calls.start_agent(0, role="calls", pool=pool, fail_policy=policy)
+    relay.cut()
+    return pool
+
+
+async def _refused_in_bounded_time(phone: Phone, number: str) -> float:
+    """Seconds until the call is refused with 503 (the scenario fails on any other answer)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    run = await place(phone, number, scenario=refused_scenario(503), timeout=10)
+    assert run.ok, run.output
+    return loop.time() - started
+
+
+@pytest.mark.parametrize("policy", ["closed", "open"])
+async def test_calls_follow_the_fail_policy_while_the_database_is_unreachable(calls, policy):
+    """With the database silent, every decision is answered by the node's policy within
+    the decision timeout (1 s): closed refuses all calls with 503, open lets calls between
+    the tenant's extensions through uncounted and still refuses external ones. Their CDRs
+    are imported once the database answers again."""
+    tenant, caller, callee = await _two_phones_without_agent(calls)
+    async with PgRelay(calls.settings.dsn) as relay:
+        pool = await _cut_off_call_control(calls, relay, policy)
+        try:
+            assert await _refused_in_bounded_time(caller, "33334444") < 3.0
+            if policy == "closed":
+                assert await _refused_in_bounded_time(caller, "7302") < 3.0
+            else:
+                port = next_port()
+                assert (await register(callee, port=port)).ok
+                answering = asyncio.create_task(sipp("uas_answer.xml", None, [callee.row()],
+                                                     port=port, timeout=15))
+                await asyncio.sleep(0.3)
+                run = await place(caller, "7302", hold_ms=500)
+                assert run.ok, run.output
+                assert (await answering).ok
+            assert await calls.cdrs(tenant_id=tenant["id"]) == []
+        finally:
+            relay.restore()
+            await calls.stop_agent((0, "calls"))
+            await pool.close()
+
+    async def both() -> bool:
+        return len(await calls.cdrs(tenant_id=tenant["id"])) == 2
+
+    await calls.start_agent(0)
+    await until(both, "the CDRs written while the database was away")
+    got = {(c["callee"], c["refusal"], c["sip_code"], c["disposition"] == "ANSWERED")
+           for c in await calls.cdrs(tenant_id=tenant["id"])}
+    internal = ("7302", "admission_unavailable", 503, False) if policy == "closed" \
+        else ("7302", None, None, True)
+    assert got == {("33334444", "admission_unavailable", 503, False), internal}, got
+    assert await calls.live() == []
+    assert all(n == 0 for n in (await calls.counters()).values())
 
 
 async def test_api_hangs_up_a_call_in_progress(calls):

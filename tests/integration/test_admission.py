@@ -232,6 +232,27 @@ async def test_a_lapsed_lease_is_released_once(api: Api, db: asyncpg.Pool):
         assert await conn.fetchval("SELECT balance FROM credit_accounts") == Decimal("10.0000")
 
 
+async def test_an_abandoned_admission_gives_back_its_slots_and_credit_once(
+        api: Api, db: asyncpg.Pool):
+    node_id, dist, exts = await setup(api, dealer_calls=5, credit="10.00")
+    admission = Admission(db)
+    kept = await admission.decide(request(node_id, exts[0], 1))
+    abandoned = await admission.decide(request(node_id, exts[0], 2))
+    assert kept.admitted and abandoned.admitted and abandoned.call_id is not None
+    async with db.acquire() as conn:
+        assert await calls_store.release_abandoned(conn, abandoned.call_id, timeout=5) is True
+        assert await calls_store.release_abandoned(conn, abandoned.call_id, timeout=5) is False
+        assert await conn.fetchval("SELECT array_agg(id) FROM calls") == [kept.call_id]
+        assert await conn.fetchval("SELECT active FROM call_counters WHERE kind = 'd'"
+                                   " AND id = $1", dist["id"]) == 1
+        account = await conn.fetchrow("SELECT balance, reserved FROM credit_accounts"
+                                      " WHERE extension_id = $1", exts[0]["id"])
+        held = await conn.fetchval("SELECT reserved FROM calls")
+        assert held > 0
+        assert (account["balance"], account["reserved"]) == (Decimal("10.0000"), held)
+        assert await conn.fetchval("SELECT count(*) FROM cdrs") == 0
+
+
 async def test_admission_leaves_the_session_committing_synchronously(api: Api, db: asyncpg.Pool):
     node_id, _, exts = await setup(api)
     async with db.acquire() as conn:

@@ -72,6 +72,31 @@ async def test_a_slow_decision_is_answered_by_policy_within_the_timeout():
     assert took < 1.0
 
 
+async def test_a_decision_slow_to_let_go_is_answered_on_time_and_handed_over():
+    """A handler that does not stop when the time is up (a clean-up through a silent
+    network, say) does not hold the call: the policy answers on time, and the handler,
+    still running, is handed to on_abandoned, which sees how it ends."""
+    release = asyncio.Event()
+    abandoned: list[asyncio.Task[Mapping[str, str]]] = []
+
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        await release.wait()
+        return {"PBX_DECISION": "admit", "PBX_CALL": "c1"}
+
+    server, port = await serve(admit, handler_timeout=0.2,
+                               on_abandoned=lambda req, task: abandoned.append(task))
+    try:
+        commands, took = await ask(port, "admit")
+        [task] = abandoned
+        assert not task.done()
+        release.set()
+        assert (await task)["PBX_CALL"] == "c1"
+    finally:
+        await server.close()
+    assert commands == ['SET VARIABLE PBX_R "PBX_DECISION,PBX_SIP_CODE|refuse,503"']
+    assert took < 1.0
+
+
 async def test_a_failing_decision_is_answered_by_policy():
     async def admit(req: AgiRequest) -> Mapping[str, str]:
         raise RuntimeError("bug")
