@@ -1,9 +1,9 @@
 """The node's own CDR file: every call's record, written by Asterisk (cdr_custom, see
 asterisk-conf/cdr_custom.conf) when the call ends, kept on the node's disk until imported.
 
-The file only grows; the importer remembers how far it read (in PostgreSQL, in the same
-transaction as the CDRs it stored), so a control plane or AMI outage loses nothing and a
-repeated import stores nothing twice.
+The file only grows; the importer remembers how far it read (in PostgreSQL, once the
+lines read are settled), so a control plane or AMI outage loses nothing, and a line read
+again stores nothing twice (a CDR is unique per node line).
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
-# The columns of asterisk-conf/cdr_custom.conf, in order.
+# The columns of asterisk-conf/cdr_custom.conf, in order. Columns are only ever added at
+# the end: a line with fewer, written before an upgrade, lacks the last ones.
 COLUMNS = ("uniqueid", "sequence", "call", "start", "answer", "end", "duration", "billsec",
            "disposition", "src", "dst", "reason", "sip_code", "tenant", "accountcode",
-           "direction")
+           "direction", "cause")
+FIRST_COLUMNS = 16  # the oldest lines'
+# A record's times are seconds since 1970 (the node's clock): one outside these years is a
+# clock that was wrong, and the line cannot be billed from it.
+EARLIEST, LATEST = 946684800.0, 4102444800.0  # 2000-01-01, 2100-01-01
+LONGEST = 1e8  # seconds from a record's start to its end (the CDR's columns hold less than 1e9)
 MAX_CHUNK = 1 << 20
 
 
@@ -41,15 +47,27 @@ class CdrLine:
     tenant_id: int | None
     account_code: str
     direction: str
+    hangup_cause: str = ""  # Q.850 cause of the caller's channel, e.g. "16"
+
+
+class OutOfRange(ValueError):
+    pass
 
 
 def _time(raw: str) -> datetime | None:
     value = float(raw or 0)
-    return datetime.fromtimestamp(value, UTC) if value > 0 else None
+    if value <= 0:
+        return None
+    if not EARLIEST <= value < LATEST:
+        raise OutOfRange(f"time {raw} is outside 2000-2100")
+    return datetime.fromtimestamp(value, UTC)
 
 
 def _span(start: str, end: str) -> float:
-    return max(0.0, float(end or 0) - float(start or 0))
+    span = max(0.0, float(end or 0) - float(start or 0))
+    if span > LONGEST:
+        raise OutOfRange(f"{span:.0f} s from {start} to {end}")
+    return span
 
 
 def _int(raw: str, digits: int = 9) -> int | None:
@@ -71,9 +89,9 @@ def parse_line(text: str) -> CdrLine | None:
         row = next(csv.reader(io.StringIO(text)))
     except (csv.Error, StopIteration):
         return None
-    if len(row) != len(COLUMNS):
+    if not FIRST_COLUMNS <= len(row) <= len(COLUMNS):
         return None
-    f = dict(zip(COLUMNS, row, strict=True))
+    f = dict(zip(COLUMNS, row + [""] * (len(COLUMNS) - len(row)), strict=True))
     try:  # a line the node mangled is skipped, never retried forever
         started, ended, answered = _time(f["start"]), _time(f["end"]), _time(f["answer"])
         if not f["uniqueid"] or started is None:
@@ -86,7 +104,8 @@ def parse_line(text: str) -> CdrLine | None:
             talk_seconds=_span(f["answer"], f["end"]) if answered is not None else 0.0,
             disposition=f["disposition"], src=f["src"], dst=f["dst"], reason=f["reason"],
             sip_code=_int(f["sip_code"]), tenant_id=_int(f["tenant"], 18),
-            account_code=f["accountcode"], direction=f["direction"])
+            account_code=f["accountcode"], direction=f["direction"],
+            hangup_cause=str(_int(f["cause"], 3) or ""))
     except (ValueError, OverflowError, OSError):
         return None
 

@@ -97,7 +97,7 @@ def _cdr_values(node_id: int, call: asyncpg.Record | None, line: CdrLine, talk: 
         "answered_at": line.answered_at, "ended_at": line.ended_at,
         "duration": Decimal(str(round(line.duration, 3))),
         "talk_seconds": Decimal(str(round(talk, 3))), "billed_seconds": billed,
-        "price": price, "disposition": line.disposition, "hangup_cause": "",
+        "price": price, "disposition": line.disposition, "hangup_cause": line.hangup_cause,
         "refusal": line.reason or None, "sip_code": line.sip_code,
         "caller": line.src, "callee": line.dst, "direction": line.direction or None,
         "tenant_id": line.tenant_id,
@@ -188,7 +188,7 @@ async def _import(pool: asyncpg.Pool, node_id: int, path: Path
         # hold the shared counters until they commit); saving the position does wait, and
         # that flushes every settlement before it. A crash in between loses at most
         # settlements whose lines are read again, and settled once (the CDR is unique).
-        lines = _best_lines(await _parse(texts))
+        lines = _best_lines(await _parse(node_id, texts))
         # A call ringing several devices left several lines: the best settles the call, the
         # others come after it has (they find it settled and store nothing more).
         seen: set[UUID] = set()
@@ -199,23 +199,43 @@ async def _import(pool: asyncpg.Pool, node_id: int, path: Path
                 seen.add(line.call_id)
         for group in (first, later):
             for at in range(0, len(group), SETTLE_BATCH):
-                stored += await _settle_lines(conn, node_id, group[at:at + SETTLE_BATCH],
-                                              wait_for_disk=False)
+                stored += await _settle_batch(conn, node_id, group[at:at + SETTLE_BATCH])
         await store.save_position(conn, node_id, ident, new_offset)
     return stored, (ident, new_offset)
 
 
-async def _parse(texts: list[str]) -> list[CdrLine]:
+async def _parse(node_id: int, texts: list[str]) -> list[CdrLine]:
     """The node's lines, parsed a slice at a time between turns of the event loop: an import
-    after a pause (the agent restarting, the database away) reads thousands of lines."""
+    after a pause (the agent restarting, the database away) reads thousands of lines. One
+    that cannot be read is logged and skipped (it stays in the node's file)."""
     lines = []
     for n, text in enumerate(texts, 1):
         line = cdr_file.parse_line(text)
         if line is not None:
             lines.append(line)
+        else:
+            log.error("node %s: CDR line skipped, it cannot be read: %.300s", node_id, text)
         if n % PARSE_YIELD_EVERY == 0:
             await asyncio.sleep(0)
     return lines
+
+
+async def _settle_batch(conn: asyncpg.Connection, node_id: int, lines: list[CdrLine]) -> int:
+    """_settle_lines, committed without waiting for the disk; a batch the database refuses
+    for one line's values is settled a line at a time, and that line alone is skipped, so
+    that one bad record never stops its node's import."""
+    try:
+        return await _settle_lines(conn, node_id, lines, wait_for_disk=False)
+    except asyncpg.DataError as exc:
+        if len(lines) == 1:
+            log.error("node %s: CDR line of channel %s (sequence %s) skipped, the database "
+                      "refuses its values: %s", node_id, lines[0].uniqueid, lines[0].sequence,
+                      exc)
+            return 0
+    stored = 0
+    for line in lines:
+        stored += await _settle_batch(conn, node_id, [line])
+    return stored
 
 
 def _settlement(node_id: int, line: CdrLine, call: asyncpg.Record | None) -> dict[str, Any]:
@@ -236,6 +256,10 @@ async def _settle_lines(conn: asyncpg.Connection, node_id: int, lines: list[CdrL
     stored = 0
     calls = await store.calls_by_id(conn, [x.call_id for x in lines if x.call_id])
     pending = [(line, calls.get(line.call_id) if line.call_id else None) for line in lines]
+    # A device that did not answer a call another one answered: its line, read before the
+    # answered one, would settle the call unanswered; the answered line settles it.
+    pending = [(line, call) for line, call in pending
+               if call is None or line.answered_at is not None or call["answered_at"] is None]
     for _ in range(SETTLE_TRIES):
         items = []
         for n, (line, call) in enumerate(pending, 1):

@@ -235,6 +235,9 @@ async def test_outbound_call_goes_to_the_carrier_and_leaves_one_rated_cdr(calls)
     assert 1.5 < float(cdr["talk_seconds"]) < 3.5
     assert Decimal(cdr["price"]) == Decimal("0.0600")
     assert cdr["dealer_path"][-2:] == [world["dist"]["id"], tenant["dealer_id"]]
+    # the phone hung up: normal clearing (Q.850 cause 16)
+    assert await calls.db.fetchval("SELECT hangup_cause FROM cdrs WHERE id = $1",
+                                   cdr["id"]) == "16"
     account = calls.api.ok(await calls.api.get(f"/api/v1/extensions/{ext['id']}/credit"))
     assert Decimal(account["balance"]) == Decimal("49.9400")
     assert Decimal(account["reserved"]) == 0
@@ -359,6 +362,9 @@ async def test_refusals_answer_with_the_sip_code_of_their_reason(calls):
     await until(both, "the refused calls' CDRs")
     got = {(c["refusal"], c["sip_code"]) for c in await calls.cdrs(tenant_id=tenant["id"])}
     assert got == {("no_credit", 402), ("class_forbidden_international", 403)}
+    causes = await calls.db.fetch("SELECT hangup_cause FROM cdrs WHERE tenant_id = $1",
+                                  tenant["id"])
+    assert all(c["hangup_cause"].isdigit() for c in causes), causes
 
 
 async def test_carrier_call_to_a_did_rings_its_extension(calls):

@@ -364,8 +364,54 @@ def file_line(decision, req: CallRequest, talk: float, *, sequence: int = 0) -> 
               "end": f"{line.ended_at.timestamp():.6f}", "duration": str(int(line.duration)),
               "billsec": str(int(talk)), "disposition": line.disposition, "src": line.src,
               "dst": line.dst, "reason": "", "sip_code": "", "tenant": str(req.tenant_id),
-              "accountcode": req.caller, "direction": "outbound"}
+              "accountcode": req.caller, "direction": "outbound", "cause": "16"}
     return ",".join(f'"{fields[c]}"' for c in cdr_file.COLUMNS) + "\n"
+
+
+async def test_a_device_that_did_not_answer_never_settles_the_answered_call(
+        api: Api, db: asyncpg.Pool):
+    """A call rings two devices; the line of the one that did not answer is read first
+    (an earlier read of the file): the call waits for the answered line, billed from it."""
+    node_id, _, exts = await setup(api, dealer_calls=5, credit="10.00")
+    req = request(node_id, exts[0], 1)
+    decision = await Admission(db).decide(req)
+    async with db.acquire() as conn:
+        await conn.execute("UPDATE calls SET answered_at = now() - interval '13 s'")
+        assert await lifecycle.finish(conn, node_id, cdr_line(decision, req, 0.0,
+                                                              sequence=1)) is False
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 1
+        assert await lifecycle.finish(conn, node_id, cdr_line(decision, req, 13.0)) is True
+        cdr = await conn.fetchrow("SELECT talk_seconds, price FROM cdrs")
+        assert (cdr["talk_seconds"], cdr["price"]) == (Decimal("13.000"), Decimal("1.8000"))
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 0
+
+
+async def test_a_line_the_database_refuses_is_skipped_and_its_batch_still_settles(
+        api: Api, db: asyncpg.Pool, caplog):
+    node_id, _, exts = await setup(api, dealer_calls=5, credit="10.00")
+    admission = Admission(db)
+    reqs = [request(node_id, exts[n], n) for n in range(3)]
+    decisions = [await admission.decide(r) for r in reqs]
+    lines = [cdr_line(d, r, 13.0) for d, r in zip(decisions, reqs, strict=True)]
+    bad = dataclasses.replace(lines[1], duration=1e12)  # past what a CDR holds
+    async with db.acquire() as conn:
+        stored = await lifecycle._settle_batch(conn, node_id, [lines[0], bad, lines[2]])
+        assert stored == 2
+        left = await conn.fetchval("SELECT array_agg(id) FROM calls")
+        assert left == [decisions[1].call_id]  # its lease releases it
+        assert await conn.fetchval("SELECT sum(price) FROM cdrs") == Decimal("3.6000")
+    assert any(bad.uniqueid in r.getMessage() for r in caplog.records)
+
+
+async def test_an_imported_cdr_keeps_the_hangup_cause(api: Api, db: asyncpg.Pool, tmp_path):
+    node_id, _, exts = await setup(api, dealer_calls=5, credit="10.00")
+    req = request(node_id, exts[0], 1)
+    decision = await Admission(db).decide(req)
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_text(file_line(decision, req, 13.0))
+    assert await lifecycle.import_file(db, node_id, path) == 1
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT hangup_cause FROM cdrs") == "16"
 
 
 async def test_one_import_settles_many_calls_on_one_balance_exactly(
@@ -376,11 +422,12 @@ async def test_one_import_settles_many_calls_on_one_balance_exactly(
     reqs = [request(node_id, exts[n % 20], n) for n in range(8)]
     decisions = [await admission.decide(r) for r in reqs]
     assert all(d.admitted for d in decisions)
-    for d in decisions:
-        await admission.answer(d.call_id, "PJSIP/carrier")
+    talks = [3.0, 6.4, 7.0, 0.0, 12.0, 1.0, 5.0, 6.0]
+    for d, talk in zip(decisions, talks, strict=True):
+        if talk:
+            await admission.answer(d.call_id, "PJSIP/carrier")
     # one call was granted more after it was read: the batch prices it again
     await db.execute("UPDATE calls SET granted_seconds = 12 WHERE id = $1", decisions[1].call_id)
-    talks = [3.0, 6.4, 7.0, 0.0, 12.0, 1.0, 5.0, 6.0]
     text = "".join(file_line(d, r, t) for d, r, t in zip(decisions, reqs, talks, strict=True))
     # the first call rang two devices: a second line, which must not be charged again
     text += file_line(decisions[0], reqs[0], 2.0, sequence=1)

@@ -36,6 +36,19 @@ def test_lines_that_are_not_ours_are_skipped():
     assert parse_line(LINE.replace('"1796074653.662516"', '"x"')) is None
 
 
+def test_a_line_carries_the_hangup_cause_and_one_written_before_it_existed_still_reads():
+    line = parse_line(LINE + ',"17"')
+    assert line is not None and line.hangup_cause == "17"
+    older = parse_line(LINE)
+    assert older is not None and older.hangup_cause == "" and older.talk_seconds > 10
+
+
+def test_a_line_from_a_clock_that_was_wrong_is_skipped():
+    assert parse_line(LINE.replace('"1796074653.662516"', '"40.000000"')) is None
+    assert parse_line(LINE.replace('"1796074665.999528"', '"4102444801.0"')) is None
+    assert parse_line(LINE.replace('"1796074653.662516"', '"946684801.0"')) is None
+
+
 def test_a_partly_written_last_line_waits_for_the_next_read(tmp_path):
     path = tmp_path / "pbx-cdr.csv"
     path.write_text(LINE + "\n" + LINE[:40])
