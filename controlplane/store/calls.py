@@ -136,9 +136,12 @@ async def answered_at(conn: asyncpg.Connection, call_id: UUID, callee_channel: s
                       at: datetime, lease: float) -> bool:
     """Mark a call answered at `at`, the node's own answer time (an answer learnt late: see
     CallControl.resync_answers). Returns whether it was not known answered before."""
+    # the node's time, kept between the call's admission and now (migration 0011), as for
+    # answers heard live: a node clock running behind must not end the grant at once
     status = await conn.execute(
-        "UPDATE calls SET answered_at = $3::timestamptz, callee_channel = $2,"
-        " granted_until = $3::timestamptz + make_interval(secs => granted_seconds),"
+        "UPDATE calls SET answered_at = answered_time($3::timestamptz, started_at),"
+        " callee_channel = $2, granted_until = answered_time($3::timestamptz, started_at)"
+        " + make_interval(secs => granted_seconds),"
         " lease_until = greatest(lease_until, now() + make_interval(secs => $4))"
         " WHERE id = $1 AND answered_at IS NULL", call_id, callee_channel, at, lease)
     return status.endswith(" 1")

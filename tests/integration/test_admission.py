@@ -368,6 +368,21 @@ def file_line(decision, req: CallRequest, talk: float, *, sequence: int = 0) -> 
     return ",".join(f'"{fields[c]}"' for c in cdr_file.COLUMNS) + "\n"
 
 
+async def test_an_answer_recovered_from_a_node_clock_running_behind_starts_at_admission(
+        api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api, dealer_calls=5, credit="10.00")
+    decision = await Admission(db).decide(request(node_id, exts[0], 1))
+    async with db.acquire() as conn:
+        started = await conn.fetchval("SELECT started_at FROM calls")
+        behind = started - timedelta(minutes=10)
+        assert await calls_store.answered_at(conn, decision.call_id, "PJSIP/c-1", behind,
+                                             30.0) is True
+        row = await conn.fetchrow("SELECT answered_at, granted_until, granted_seconds"
+                                  " FROM calls")
+    assert row["answered_at"] == started
+    assert row["granted_until"] == started + timedelta(seconds=row["granted_seconds"])
+
+
 async def test_a_device_that_did_not_answer_never_settles_the_answered_call(
         api: Api, db: asyncpg.Pool):
     """A call rings two devices; the line of the one that did not answer is read first
