@@ -1,5 +1,6 @@
 """What `serve` does besides the API: release calls whose lease lapsed even when no node
-agent is left to do it, and write the periodic CDR export files."""
+agent is left to do it, and write the periodic CDR export files. No error ends the loop: see
+`node_control.surviving`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import asyncpg
 
 from controlplane.billing import export
 from controlplane.calls import lifecycle
+from controlplane.calls.node_control import surviving
 from controlplane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,16 +27,17 @@ async def housekeeping(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Eve
         raise SystemExit("PBX_CDR_EXPORT_PERIOD must be daily or monthly")
     exported_at = 0.0
     while not stop.is_set():
-        try:
+        async with surviving("call housekeeping: lease sweep", stop, ERRORS,
+                             timeout=settings.db_timeout):
             released = await lifecycle.sweep(pool)
             if released:
                 log.warning("released %d calls whose lease lapsed", released)
-            if settings.cdr_export_dir and time.monotonic() - exported_at > EXPORT_EVERY:
+        if settings.cdr_export_dir and time.monotonic() - exported_at > EXPORT_EVERY:
+            async with surviving("call housekeeping: CDR export", stop, ERRORS,
+                                 timeout=settings.db_timeout):
                 await export.export_closed_periods(pool, Path(settings.cdr_export_dir),
                                                    settings.cdr_export_period)
                 exported_at = time.monotonic()
-        except ERRORS as exc:
-            log.warning("call housekeeping failed (will retry): %s", exc)
         try:
             await asyncio.wait_for(stop.wait(), SWEEP_EVERY)
         except TimeoutError:

@@ -13,15 +13,20 @@
 - The node's CDR file is imported continuously: each line stores a CDR and settles its call.
 - Carrier trunks are pushed to the node through ARI (endpoint, aor, identify).
 - Hang-up requests from the API arrive by NOTIFY and become AMI Hangup.
+
+Each of these loops outlives any error of one of its turns (`surviving`): an expected one
+(the database, AMI or ARI away) is logged in a line, anything else with its traceback, and
+the loop goes on after a pause.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 CALLS_CHANNEL = "pbx_calls"
 CARRIER_FAMILY = "pbx-carrier"
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+UNEXPECTED_PAUSE = 1.0  # seconds a loop rests after an error nobody foresaw, before going on
 
 
 @dataclass
@@ -111,7 +117,10 @@ class CallControl:
                  self._carrier_loop(stop), self._hangup_loop(stop)]
         if self.config.cdr_file is not None:
             loops.append(self._cdr_loop(stop))
-        tasks = [asyncio.create_task(loop) for loop in loops]
+        tasks = [asyncio.create_task(loop, name=f"node {self.node_name}: {loop.__name__}")
+                 for loop in loops]
+        for task in tasks:
+            task.add_done_callback(report_failure)
         try:
             await stop.wait()
         finally:
@@ -119,6 +128,12 @@ class CallControl:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.agi.close()
+
+    def _surviving(self, loop: str, stop: asyncio.Event,
+                   expected: tuple[type[Exception], ...] = (), pause: float = 0.0
+                   ) -> contextlib.AbstractAsyncContextManager[None]:
+        """A turn of one of this node's loops (see `surviving`)."""
+        return surviving(f"node {self.node_name}: {loop}", stop, expected, pause)
 
     async def _after_login(self) -> None:
         """The node's dialplan finds admission through globals: set them on every login."""
@@ -263,13 +278,11 @@ class CallControl:
     # -- granted time ---------------------------------------------------------------------
     async def _extend_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
+            async with self._surviving("extending calls", stop, DB_ERRORS):
                 for moved in await lifecycle.extend_due(self.pool, self.node_id,
                                                         self.config.lead, self.config.lease,
                                                         self.config.ahead):
                     await self._move_end(moved)
-            except DB_ERRORS as exc:
-                log.warning("node %s: extending calls failed: %s", self.node_name, exc)
             await _pause(stop, self.config.tick)
 
     async def _move_end(self, moved: lifecycle.Extension) -> None:
@@ -281,7 +294,7 @@ class CallControl:
                                    "Value": f"{max(moved.seconds_left, 0.001):.3f}"})
         except AmiUnavailable as exc:
             log.warning("node %s: could not move the end of %s: %s", self.node_name,
-                        moved.callee_channel, exc)
+                        moved.callee_channel, describe(exc))
 
     # -- leases ---------------------------------------------------------------------------
     async def channels(self) -> list[str]:
@@ -291,14 +304,12 @@ class CallControl:
 
     async def _lease_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
+            async with self._surviving("lease renewal", stop, (AmiUnavailable, *DB_ERRORS)):
                 if self.ami.connected.is_set():
                     live = await self.channels()
                     async with self.pool.acquire() as conn:
                         await store.renew_leases(conn, self.node_id, live, self.config.lease)
                 await lifecycle.sweep(self.pool)
-            except (AmiUnavailable, *DB_ERRORS) as exc:
-                log.warning("node %s: lease renewal failed: %s", self.node_name, exc)
             await _pause(stop, self.config.lease_every)
 
     # -- CDRs -----------------------------------------------------------------------------
@@ -306,10 +317,8 @@ class CallControl:
         assert self.config.cdr_file is not None
         cdrs = lifecycle.CdrImport(self.pool, self.node_id, self.config.cdr_file)
         while not stop.is_set():
-            try:
+            async with self._surviving("CDR import", stop, DB_ERRORS):
                 self.cdrs_imported += await cdrs.run()
-            except (OSError, *DB_ERRORS) as exc:
-                log.warning("node %s: CDR import failed (will retry): %s", self.node_name, exc)
             await _pause(stop, self.config.cdr_every)
 
     # -- carriers -------------------------------------------------------------------------
@@ -319,12 +328,11 @@ class CallControl:
             self.carriers_dirty.clear()
             if stop.is_set():
                 return
-            try:
+            async with self._surviving("carrier sync", stop, (AmiUnavailable, AriError,
+                                                              *DB_ERRORS), pause=2.0):
                 await self.sync_carriers()
-            except (AmiUnavailable, AriError, *DB_ERRORS) as exc:
-                log.warning("node %s: carrier sync failed: %s", self.node_name, exc)
-                await _pause(stop, 2.0)
-                self.carriers_dirty.set()
+                continue
+            self.carriers_dirty.set()  # not synced: again
 
     async def sync_carriers(self) -> None:
         if not self.ami.connected.is_set():
@@ -370,8 +378,11 @@ class CallControl:
         async def resync() -> None:
             self.carriers_dirty.set()
 
-        await listen_forever(self.dsn, [CALLS_CHANNEL, "pbx_changes"], self._notified, stop,
-                             on_connect=resync, what=f"node {self.node_name} call control")
+        while not stop.is_set():
+            async with self._surviving("listening for hangups and carriers", stop):
+                await listen_forever(self.dsn, [CALLS_CHANNEL, "pbx_changes"], self._notified,
+                                     stop, on_connect=resync,
+                                     what=f"node {self.node_name} call control")
 
     async def _hangup_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -379,10 +390,8 @@ class CallControl:
             channel = event.get("channel_name")
             if not channel:
                 continue
-            try:
+            async with self._surviving(f"hangup of {channel}", stop, (AmiUnavailable,)):
                 await self.ami.action({"Action": "Hangup", "Channel": channel, "Cause": "16"})
-            except AmiUnavailable as exc:
-                log.warning("node %s: hangup of %s failed: %s", self.node_name, channel, exc)
 
 
 def event_time(stamp: Any) -> datetime | None:
@@ -395,6 +404,40 @@ def event_time(stamp: Any) -> datetime | None:
     if not 0 < value < 2**33:  # also NaN and infinities
         return None
     return datetime.fromtimestamp(value, UTC)
+
+
+def describe(exc: BaseException, timeout: float | None = None) -> str:
+    """What failed, for a log line: asyncpg and asyncio raise TimeoutError with no text."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError) and timeout is not None:
+        text += f" (no answer within {timeout:g} s)"
+    return text
+
+
+@contextlib.asynccontextmanager
+async def surviving(what: str, stop: asyncio.Event, expected: tuple[type[Exception], ...] = (),
+                    pause: float = 0.0, timeout: float | None = None) -> AsyncIterator[None]:
+    """One turn of a background loop that no error ends: an `expected` one (the database or
+    the node away) is logged in a line and followed by `pause` seconds, any other with its
+    traceback and UNEXPECTED_PAUSE, and the loop goes on. `timeout`: the one its outside
+    calls have, named when one of them ran out."""
+    try:
+        yield
+    except expected as exc:
+        log.warning("%s failed: %s", what, describe(exc, timeout))
+        if pause:
+            await _pause(stop, pause)
+    except Exception:
+        log.exception("%s failed on an unexpected error; going on in %g s", what,
+                      UNEXPECTED_PAUSE)
+        await _pause(stop, UNEXPECTED_PAUSE)
+
+
+def report_failure(task: asyncio.Task[Any]) -> None:
+    """Done callback of a long-running task: one that ends on an error says so at once,
+    instead of being gathered, and dropped, at shutdown."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s ended on an error", task.get_name(), exc_info=exc)
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
