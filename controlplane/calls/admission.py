@@ -124,6 +124,10 @@ def _floor(party: asyncpg.Record) -> tuple[int | None, Decimal]:
     return party["extension_id"], -Decimal(limit)
 
 
+# Decisions from parties read afresh, when one keeps changing between its read and the
+# admission (an API client editing it in a loop): then the call is refused, 503.
+FRESH_TRIES = 3
+
 # Parties kept by the agent (about 2 KiB each): the callers of the calls in progress and of
 # the recent ones, with the callees and DIDs they called.
 MAX_PARTIES = 20_000
@@ -164,12 +168,14 @@ class PartyCache:
 
 
 class Parties:
-    """The parties of one attempt at a decision: kept ones (`use_kept`), or read now. Those
-    that were kept are the admission's checks."""
+    """The parties of one attempt at a decision: kept ones (`use_kept`), or read now. Every
+    one found is among the admission's checks: read a moment earlier, in a statement of its
+    own, it must still read the same when the call is admitted."""
 
     def __init__(self, cache: PartyCache, conn: asyncpg.Connection, *, use_kept: bool) -> None:
         self.cache, self.conn, self.use_kept = cache, conn, use_kept
         self.checks: list[tuple[str, str, int | None, str]] = []
+        self.kept = False  # whether one of them was kept (a refusal may come from it)
 
     async def get(self, kind: str, key: str, tenant_id: int | None = None
                   ) -> asyncpg.Record | None:
@@ -178,11 +184,14 @@ class Parties:
             party = self.cache.get(ident)
             if party is not None:
                 self.cache.hits += 1
+                self.kept = True
                 self.checks.append((kind, key, tenant_id, party["facts"]))
                 return party
         self.cache.misses += 1
         party = await store.party(self.conn, kind, key, tenant_id)
         self.cache.put(ident, party)
+        if party is not None:
+            self.checks.append((kind, key, tenant_id, party["facts"]))
         return party
 
     def forget(self) -> None:
@@ -239,13 +248,19 @@ class Admission:
         try:
             return await self._decide_with(conn, req, parties)
         except Refused as refusal:
-            if refusal.checked or not parties.checks:
+            if refusal.checked or not parties.kept:
                 raise
         except store.Stale:
             pass
-        self.parties.stale += 1
-        parties.forget()
-        return await self._decide_with(conn, req, Parties(self.parties, conn, use_kept=False))
+        for _ in range(FRESH_TRIES):
+            self.parties.stale += 1
+            parties.forget()
+            parties = Parties(self.parties, conn, use_kept=False)
+            try:
+                return await self._decide_with(conn, req, parties)
+            except store.Stale:
+                continue  # changed between its read and the admission: read it again
+        raise Refused(503, "parties_changing")
 
     async def _decide_with(self, conn: asyncpg.Connection, req: CallRequest,
                            parties: Parties) -> Decision:

@@ -16,6 +16,7 @@ import pytest
 from controlplane.calls.admission import Admission, CallRequest, PartyCache, rate_from_json
 from controlplane.db.pool import create_pool
 from controlplane.settings import Settings
+from controlplane.store import calls as calls_store
 from tests.api_helper import Api
 from tests.integration.test_admission import request, setup
 
@@ -182,3 +183,41 @@ def test_the_kept_parties_are_bounded_and_the_least_recently_used_leave_first():
     cache.put(("account", "0", None), None)  # no such party any more
     assert cache.get(("account", "0", None)) is None and len(cache) == 2
 
+
+
+async def test_a_party_changed_between_its_read_and_the_admission_never_decides_the_call(
+        api: Api, db: asyncpg.Pool, monkeypatch):
+    """Read afresh (nothing kept), the caller is deactivated before the admission runs: the
+    admission notices, writes nothing, and the call is decided from the new state."""
+    node_id, _, exts = await setup(api)
+    caller = exts[0]
+    read = calls_store.party
+    changed = []
+
+    async def read_then_deactivate(conn, kind, key, tenant_id=None):
+        party = await read(conn, kind, key, tenant_id)
+        if not changed:
+            changed.append(key)
+            await api.patch(f"/api/v1/extensions/{caller['id']}", {"active": False})
+        return party
+
+    monkeypatch.setattr(calls_store, "party", read_then_deactivate)
+    refused = await Admission(db).decide(request(node_id, caller, 1))
+    assert changed == [caller["account_code"]]
+    assert (refused.admitted, refused.reason) == (False, "caller_inactive")
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM calls") == 0
+
+
+async def test_deactivating_a_distributor_stops_the_calls_of_its_whole_subtree(
+        api: Api, db: asyncpg.Pool):
+    node_id, dist, exts = await setup(api)
+    admission = Admission(db)
+    assert (await admission.decide(request(node_id, exts[0], 1))).admitted
+    api.ok(await api.patch(f"/api/v1/dealers/{dist['id']}", {"active": False}))
+    for n, ext in enumerate(exts[:2], 2):  # a kept caller and one read afresh
+        refused = await admission.decide(request(node_id, ext, n))
+        assert (refused.admitted, refused.sip_code, refused.reason) == (
+            False, 403, "caller_dealer_inactive")
+    api.ok(await api.patch(f"/api/v1/dealers/{dist['id']}", {"active": True}))
+    assert (await admission.decide(request(node_id, exts[0], 4))).admitted
