@@ -4,12 +4,14 @@ CDR), and the release of calls whose node stopped answering for them (lapsed lea
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -21,6 +23,7 @@ from controlplane.rating import tariff
 from controlplane.store import calls as store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Asterisk ends a call at its granted time to within milliseconds; a few hundred more
 # are the cut being late, not talk to bill.
@@ -150,6 +153,27 @@ async def import_file(pool: asyncpg.Pool, node_id: int, path: Path) -> int:
     return (await _import(pool, node_id, path))[0]
 
 
+# The node's file is read off the event loop, one read at a time (a stalled shared volume
+# then holds one thread, not the decisions), and a read that takes longer fails the import.
+FILE_TIMEOUT = 5.0
+_file_reads = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                    thread_name_prefix="cdr-file")
+
+
+class CdrFileStalled(OSError):
+    pass
+
+
+async def _from_file(read: Callable[..., T], *args: Any) -> T:
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(_file_reads, read, *args),
+                                      FILE_TIMEOUT)
+    except TimeoutError:
+        raise CdrFileStalled(f"the node's CDR file {args[0]} did not answer within "
+                             f"{FILE_TIMEOUT:.0f} s: check the volume it is on") from None
+
+
 class CdrImport:
     """A node's CDR file imported as it grows, read often (`CallControlConfig.cdr_every`):
     settling a few lines at a time spreads the work instead of running it in bursts beside
@@ -161,7 +185,7 @@ class CdrImport:
         self.reached: tuple[str, int] | None = None  # (file identity, offset) imported to
 
     async def run(self) -> int:
-        now = cdr_file.state(self.path)
+        now = await _from_file(cdr_file.state, self.path)
         if now is None or now == self.reached:
             return 0
         stored, self.reached = await _import(self.pool, self.node_id, self.path)
@@ -171,7 +195,7 @@ class CdrImport:
 async def _import(pool: asyncpg.Pool, node_id: int, path: Path
                   ) -> tuple[int, tuple[str, int] | None]:
     """import_file, and (file identity, offset) the import reached."""
-    now = cdr_file.state(path)
+    now = await _from_file(cdr_file.state, path)
     if now is None:
         return 0, None
     ident, size = now
@@ -181,7 +205,7 @@ async def _import(pool: asyncpg.Pool, node_id: int, path: Path
         offset = position["offset_"] if position and position["file_id"] == ident else 0
         if offset > size:  # truncated in place: it starts again
             offset = 0
-        texts, new_offset = cdr_file.read_from(path, offset)
+        texts, new_offset = await _from_file(cdr_file.read_from, path, offset)
         if new_offset == offset:
             return 0, (ident, offset)
         # The settlements commit without waiting for their WAL to reach the disk (they

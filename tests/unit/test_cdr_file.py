@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime
 from uuid import UUID
 
+import pytest
+
+from controlplane.calls import cdr_file, lifecycle
 from controlplane.calls.cdr_file import parse_line, read_from
 
 CALL = "6433dfcd-fecf-4acf-8e3f-c0a44ce6d15c"
@@ -59,3 +64,30 @@ def test_a_partly_written_last_line_waits_for_the_next_read(tmp_path):
     more, end = read_from(path, offset)
     assert more == [LINE] and end == 2 * (len(LINE) + 1)
     assert read_from(path, end) == ([], end)
+
+
+async def test_a_file_that_does_not_answer_fails_the_import_in_bounded_time(monkeypatch, tmp_path):
+    """A stalled volume holds the import's reading thread, not the event loop: the import
+    fails after its timeout, naming the file, while other work goes on."""
+    def stalled(path):
+        time.sleep(0.6)
+        return None
+
+    monkeypatch.setattr(lifecycle, "FILE_TIMEOUT", 0.2)
+    monkeypatch.setattr(cdr_file, "state", stalled)
+    ticks = 0
+
+    async def other_work() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beside = asyncio.create_task(other_work())
+    started = time.monotonic()
+    with pytest.raises(lifecycle.CdrFileStalled, match="pbx-cdr.csv"):
+        await lifecycle.CdrImport(None, 1, tmp_path / "pbx-cdr.csv").run()  # type: ignore[arg-type]
+    beside.cancel()
+    assert time.monotonic() - started < 0.5
+    assert ticks >= 5
+    await asyncio.sleep(0.5)  # the stalled read ends before the next test reads a file
