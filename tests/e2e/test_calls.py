@@ -335,6 +335,11 @@ async def test_calls_sharing_one_account_never_overrun_it(calls):
     cdrs = await calls.cdrs(tenant_id=tenant["id"])
     talk = sum(float(c["talk_seconds"]) for c in cdrs)
     assert 30 - 1.5 <= talk <= 30 + 1.5, [c["talk_seconds"] for c in cdrs]
+    # each call was granted 6 s at a time, extended while it talked: it was cut within
+    # 500 ms of the end of its last grant
+    for c in cdrs:
+        seconds = float(c["talk_seconds"])
+        assert seconds >= 6 - 0.5 and abs(seconds - 6 * round(seconds / 6)) <= 0.5, seconds
     assert sum(c["billed_seconds"] for c in cdrs) <= 30 + 6
     account = calls.api.ok(await calls.api.get(f"/api/v1/tenants/{tenant['id']}/credit"))
     assert Decimal("-0.60") <= Decimal(account["balance"]) <= Decimal("0.60"), account
