@@ -38,6 +38,7 @@ async def _serve(settings: Settings, demo: bool, sandbox: bool = False) -> None:
 
     from controlplane import bootstrap
     from controlplane.api.app import build_app
+    from controlplane.calls.node_control import report_failure
 
     pool = await _open(settings)
     stop = asyncio.Event()
@@ -46,7 +47,7 @@ async def _serve(settings: Settings, demo: bool, sandbox: bool = False) -> None:
     if sandbox:
         sandbox_node, agent = await _sandbox_with_agent(settings, pool, "node1", "127.0.0.2")
         node_id = agent.node.id
-        background.append(asyncio.create_task(agent.run(stop)))
+        background.append(asyncio.create_task(agent.run(stop), name="node1 agent"))
     creds_file = settings.data_dir / "credentials.json"
     async with pool.acquire() as conn:
         first: dict[str, Any] = {}
@@ -66,7 +67,10 @@ async def _serve(settings: Settings, demo: bool, sandbox: bool = False) -> None:
         print(creds_file.read_text(), flush=True)
     from controlplane.calls.housekeeping import housekeeping
 
-    background.append(asyncio.create_task(housekeeping(pool, settings, stop)))
+    background.append(asyncio.create_task(housekeeping(pool, settings, stop),
+                                          name="call housekeeping"))
+    for task in background:
+        task.add_done_callback(report_failure)
     runner = web.AppRunner(build_app(settings, pool), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)

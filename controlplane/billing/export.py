@@ -1,5 +1,16 @@
 """CDRs as billing systems receive them: the columns, their JSON and CSV forms, and the
-periodic export files (one per day or month, written once the period has closed)."""
+periodic export files.
+
+Every stored CDR is in exactly one export file. Once a period (a UTC day or month) has
+closed, `cdrs-<label>.csv` gets its CDRs stored so far; its CDRs stored later (a call in
+progress at the close, a node's CDRs imported after an outage of its agent, the database or
+AMI) go into the period's next supplement, `cdrs-<label>.supplement-<n>.csv`. Periods that
+closed while `serve` was down, however many, get their files when it returns.
+
+Each file is recorded (table cdr_exports, migration 0015) before it is written: its period
+and the interval of storage times (`cdrs.imported_at`) it holds. What it holds is then
+fixed, so a file a crash kept from being written is written later, the same.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +28,21 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 CHUNK = 5000
+# CDRs stored this recently wait for the next export: a transaction shows in
+# pg_stat_activity a moment after it took its start time, which it stamps its CDRs with.
+HORIZON_MARGIN = 60.0
+HELD_BACK_WARNING = timedelta(minutes=15)  # an export held back this long says by whom
 
 FIELDS = ("id", "node_id", "call_id", "direction", "started_at", "answered_at", "ended_at",
           "caller", "callee", "call_class", "tenant_id", "external_ref", "extension_id",
           "dealer_id", "dealer_path", "carrier_id", "duration", "talk_seconds",
           "billed_seconds", "rate_prefix", "price_per_minute", "price", "disposition",
-          "refusal", "sip_code")
+          "hangup_cause", "refusal", "sip_code")
 SELECT = ("c.id, c.node_id, c.call_id, c.direction, c.started_at, c.answered_at, c.ended_at,"
           " c.caller, c.callee, c.call_class, c.tenant_id, c.external_ref, c.extension_id,"
           " c.dealer_path[cardinality(c.dealer_path)] AS dealer_id, c.dealer_path,"
           " c.carrier_id, c.duration, c.talk_seconds, c.billed_seconds, c.rate_prefix,"
-          " c.price_per_minute, c.price, c.disposition, c.refusal, c.sip_code")
+          " c.price_per_minute, c.price, c.disposition, c.hangup_cause, c.refusal, c.sip_code")
 
 
 def _plain(value: Any) -> Any:
@@ -71,48 +86,178 @@ def period_of(day: date, period: str) -> tuple[datetime, datetime, str]:
     return start, nxt, start.strftime("%Y-%m")
 
 
-def closed_periods(now: datetime, period: str, back: int) -> list[tuple[datetime, datetime, str]]:
-    """The `back` most recent periods that have ended, oldest first."""
+def periods(start: datetime, end: datetime, period: str) -> list[tuple[datetime, datetime, str]]:
+    """The periods covering [start, end), oldest first, the first and last cut to it."""
     out = []
-    start, _, _ = period_of(now.date(), period)
-    for _ in range(back):
-        start, end, label = period_of((start - timedelta(days=1)).date(), period)
-        out.append((start, end, label))
-    return list(reversed(out))
+    while start < end:
+        _, period_end, label = period_of(start.astimezone(UTC).date(), period)
+        out.append((start, min(period_end, end), label))
+        start = period_end
+    return out
 
 
-async def write_period(pool: asyncpg.Pool, folder: Path, start: datetime, end: datetime,
-                       label: str) -> Path | None:
-    """Write cdrs-<label>.csv with every CDR of the period, once: an existing file is kept.
-    Written to a temporary name and renamed, so a reader never sees half a file."""
-    target = folder / f"cdrs-{label}.csv"
-    if await asyncio.to_thread(target.exists):
-        return None
+def file_name(label: str, number: int) -> str:
+    """The period's file, or its numbered supplement: both name the period first."""
+    return f"cdrs-{label}.csv" if number == 0 else f"cdrs-{label}.supplement-{number}.csv"
+
+
+# The storage time before which every CDR is committed. A transaction storing CDRs stamps
+# them with its start (imported_at = now()), so the horizon stays before the start of every
+# transaction still open. pg_stat_activity shows another role's transactions only to
+# members of pg_read_all_stats: the agents and serve use one role.
+HORIZON_SQL = """
+SELECT now() AS now, now() - make_interval(secs => $1) AS margin, a.xact_start, a.pid
+  FROM (SELECT) AS here
+  LEFT JOIN LATERAL (SELECT xact_start, pid FROM pg_stat_activity
+                      WHERE datname = current_database() AND backend_type = 'client backend'
+                        AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+                      ORDER BY xact_start LIMIT 1) AS a ON true
+"""
+# CDRs stored in [$1, $2) that started before $3 (where the files so far end), by the file
+# of the period they belong to; NULL: they started before the first file's period.
+LATE_SQL = """
+SELECT e.label, min(c.started_at) AS earliest
+  FROM cdrs c
+  LEFT JOIN LATERAL (SELECT x.label FROM cdr_exports x
+                      WHERE x.number = 0 AND x.period_start <= c.started_at
+                      ORDER BY x.period_start DESC LIMIT 1) AS e ON true
+ WHERE c.imported_at >= $1 AND c.imported_at < $2 AND c.started_at < $3
+ GROUP BY e.label
+"""
+SUPPLEMENTS_SQL = """
+SELECT x.label, x.period_start, x.period_end,
+       (SELECT max(y.number) FROM cdr_exports y WHERE y.label = x.label) + 1 AS number
+  FROM cdr_exports x
+ WHERE x.number = 0 AND x.label = ANY($1::text[])
+"""
+RECORD_SQL = """
+INSERT INTO cdr_exports (label, number, period_start, period_end, stored_from, stored_before)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+LOOKED_SQL = """
+INSERT INTO cdr_export_horizon (stored_before) VALUES ($1)
+ON CONFLICT (only_row) DO UPDATE SET stored_before = excluded.stored_before
+"""
+NEXT_FILE_SQL = """
+SELECT label, number, period_start, period_end, stored_from, stored_before
+  FROM cdr_exports WHERE written_at IS NULL
+ ORDER BY period_start, number LIMIT 1 FOR UPDATE SKIP LOCKED
+"""
+FILE_SQL = (f"SELECT {SELECT} FROM cdrs c WHERE c.started_at >= $1 AND c.started_at < $2"
+            " AND c.imported_at >= coalesce($3::timestamptz, '-infinity')"
+            " AND c.imported_at < $4 ORDER BY c.id")
+# any constant: the same for every process exporting into this database
+RECORD_LOCK_KEY = 7_140_015
+
+
+async def export_closed_periods(pool: asyncpg.Pool, folder: Path, period: str, *,
+                                margin: float = HORIZON_MARGIN) -> list[Path]:
+    """Record the files now due (the periods closed since the last export, the supplements
+    of those whose CDRs were stored since) and write every file recorded and not written
+    yet, into `folder`. Returns the files written."""
+    async with pool.acquire() as conn:
+        horizon = await _horizon(conn, margin)
+        async with conn.transaction():
+            # one serve records at a time; another one finds nothing left to record
+            if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RECORD_LOCK_KEY):
+                await _record(conn, period, horizon)
+        return await _write_recorded(conn, folder)
+
+
+async def _horizon(conn: asyncpg.Connection, margin: float) -> datetime:
+    """Every CDR stored before the returned time is committed. Run alone in its
+    transaction, before those reading the CDRs: pg_stat_activity is read once a
+    transaction."""
+    row = await conn.fetchrow(HORIZON_SQL, margin)
+    if row["xact_start"] is None:
+        return row["margin"]
+    if row["now"] - row["xact_start"] > HELD_BACK_WARNING:
+        log.warning("CDR export: CDRs stored since %s wait for the transaction of backend %s,"
+                    " open since then", row["xact_start"].isoformat(), row["pid"])
+    return min(row["margin"], row["xact_start"])
+
+
+async def _record(conn: asyncpg.Connection, period: str, horizon: datetime) -> None:
+    """Record the files due: a supplement for each period with a file whose CDRs were
+    stored since the last export, and a file for each period closed since then (or older
+    than the first file, when a CDR that old was stored). Then the export has looked up to
+    `horizon`."""
+    looked = await conn.fetchval("SELECT stored_before FROM cdr_export_horizon")
+    if looked is not None and horizon <= looked:
+        return
+    first, end = await conn.fetchrow("SELECT min(period_start), max(period_end)"
+                                     " FROM cdr_exports WHERE number = 0")
+    closed_end = period_of(horizon.astimezone(UTC).date(), period)[0]
+    files: list[tuple[str, int, datetime, datetime, datetime | None, datetime]] = []
+    earliest = None
+    if end is None:
+        earliest = await conn.fetchval("SELECT min(started_at) FROM cdrs"
+                                       " WHERE imported_at < $1", horizon)
+        end = first = closed_end
+    else:
+        late = {r["label"]: r["earliest"] for r in await conn.fetch(LATE_SQL, looked, horizon,
+                                                                   end)}
+        earliest = late.pop(None, None)
+        for r in await conn.fetch(SUPPLEMENTS_SQL, list(late)):
+            files.append((r["label"], r["number"], r["period_start"], r["period_end"], looked,
+                          horizon))
+    if earliest is not None:
+        start = period_of(earliest.astimezone(UTC).date(), period)[0]
+        files += [(label, 0, s, e, None, horizon) for s, e, label in periods(start, first,
+                                                                              period)]
+    files += [(label, 0, s, e, None, horizon) for s, e, label in periods(end, closed_end,
+                                                                          period)]
+    await conn.executemany(RECORD_SQL, files)
+    await conn.execute(LOOKED_SQL, horizon)
+
+
+async def _write_recorded(conn: asyncpg.Connection, folder: Path) -> list[Path]:
+    """Write the files recorded and not written yet, oldest first, each marked written in
+    the transaction that wrote it. A file already there was written before a crash kept it
+    from being marked: it is kept. Returns the files written."""
+    written = []
+    while True:
+        async with conn.transaction():
+            due = await conn.fetchrow(NEXT_FILE_SQL)
+            if due is None:
+                return written
+            target = folder / file_name(due["label"], due["number"])
+            if not await asyncio.to_thread(target.exists):
+                count = await _write_file(conn, folder, target, due)
+                log.info("CDR export %s written (%d CDRs)", target, count)
+                written.append(target)
+            await conn.execute("UPDATE cdr_exports SET written_at = now()"
+                               " WHERE label = $1 AND number = $2", due["label"], due["number"])
+
+
+async def _write_file(conn: asyncpg.Connection, folder: Path, target: Path,
+                      due: asyncpg.Record) -> int:
+    """Write `target` with the CDRs `due` holds; returns how many. Written to a temporary
+    name and renamed, so a reader never sees half a file."""
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    partial = folder / f".cdrs-{label}.csv.partial"
+    partial = folder / f".{target.name}.partial"
+    count = 0
     fh = await asyncio.to_thread(partial.open, "wb")
     try:
         await asyncio.to_thread(fh.write, csv_header())
-        async with pool.acquire() as conn, conn.transaction():
-            cursor = await conn.cursor(f"SELECT {SELECT} FROM cdrs c WHERE c.started_at >= $1"
-                                       " AND c.started_at < $2 ORDER BY c.id", start, end)
-            while rows := await cursor.fetch(CHUNK):
-                await asyncio.to_thread(fh.write, b"".join(csv_line(r) for r in rows))
+        cursor = await conn.cursor(FILE_SQL, due["period_start"], due["period_end"],
+                                   due["stored_from"], due["stored_before"])
+        while rows := await cursor.fetch(CHUNK):
+            count += len(rows)
+            await asyncio.to_thread(fh.write, b"".join(csv_line(r) for r in rows))
         await asyncio.to_thread(fh.flush)
         await asyncio.to_thread(os.fsync, fh.fileno())
     finally:
         await asyncio.to_thread(fh.close)
     await asyncio.to_thread(os.replace, partial, target)
-    log.info("CDR export %s written", target)
-    return target
+    await asyncio.to_thread(_sync_folder, folder)
+    return count
 
 
-async def export_closed_periods(pool: asyncpg.Pool, folder: Path, period: str,
-                                back: int = 3) -> list[Path]:
-    """Write the files of recently closed periods that are missing (e.g. after downtime)."""
-    written = []
-    for start, end, label in closed_periods(datetime.now(UTC), period, back):
-        path = await write_period(pool, folder, start, end, label)
-        if path is not None:
-            written.append(path)
-    return written
+def _sync_folder(folder: Path) -> None:
+    """Make the rename durable before the file is marked written."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

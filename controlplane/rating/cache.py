@@ -100,9 +100,14 @@ class RateCache:
                 table = Table(head["rates_version"])
                 for row in await conn.fetch(LOAD_SQL, table_id):
                     table.add(store.rate_from_row(row))
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("rate table %s not cached (%r): looked up in the database meanwhile",
                         table_id, exc)
+            return
+        except Exception:
+            # nobody awaits this task: unlogged here, the error would go unseen
+            log.exception("rate table %s not cached: looked up in the database meanwhile",
+                          table_id)
             return
         self._tables[table_id] = table
         self._tables.move_to_end(table_id)

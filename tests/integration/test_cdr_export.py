@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import asyncpg
+import pytest
 
+from controlplane.api.resources import cdrs
 from controlplane.billing import export
 from tests.api_helper import Api
 
+APRIL = "since=2026-04-01T00:00:00Z&until=2026-05-01T00:00:00Z"
 
-async def seed(api: Api, db: asyncpg.Pool) -> tuple[dict, dict]:
-    node = api.ok(await api.post("/api/v1/nodes", {
+
+async def create_node(api: Api) -> dict:
+    return api.ok(await api.post("/api/v1/nodes", {
         "name": "n1", "sip_address": "198.51.100.1", "ami_host": "10.0.0.1",
         "ami_username": "admin", "ami_secret": "ami-secret-123456",
         "ari_url": "http://10.0.0.1:8088", "ari_username": "ari",
         "ari_password": "ari-password-123456"}), 201)
+
+
+async def seed(api: Api, db: asyncpg.Pool) -> tuple[dict, dict]:
+    node = await create_node(api)
     reseller = await api.dealer("distributor")
     tenant = await api.tenant(reseller["id"], external_ref="ACME-42")
     async with db.acquire() as conn:
@@ -46,6 +57,60 @@ async def test_export_route_streams_the_period_as_csv(api: Api, db: asyncpg.Pool
     assert {r["tenant_id"] for r in rows} == {str(tenant["id"])}
 
 
+async def test_export_route_answers_json_with_the_same_filters(api: Api, db: asyncpg.Pool):
+    dealer, tenant = await seed(api, db)
+    reply = await api.get(f"/api/v1/cdrs/export?format=json&tenant_id={tenant['id']}&{APRIL}")
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith("application/json")
+    items = reply.body["items"]
+    assert [i["started_at"][:10] for i in items] == ["2026-04-01", "2026-04-30"]
+    assert {i["dealer_id"] for i in items} == {dealer["id"]}
+    assert items[0]["hangup_cause"] == "" and items[0]["dealer_path"][-1] == dealer["id"]
+    csv_reply = await api.get(f"/api/v1/cdrs/export?tenant_id={tenant['id']}&{APRIL}")
+    rows = list(csv.DictReader(io.StringIO(csv_reply.body.decode())))
+    assert [r["id"] for r in rows] == [str(i["id"]) for i in items]
+    assert "hangup_cause" in rows[0]
+    empty = await api.get(f"/api/v1/cdrs/export?format=json&tenant_id=999999&{APRIL}")
+    assert empty.status == 200 and empty.body == {"items": []}
+    wrong = await api.get(f"/api/v1/cdrs/export?format=xml&{APRIL}")
+    assert wrong.status == 422
+    assert [e["pointer"] for e in wrong.body["errors"]] == ["#/query/format"]
+
+
+async def test_an_export_whose_query_fails_answers_an_error_not_an_empty_csv(
+        api: Api, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch):
+    await seed(api, db)
+    # a query the database fails while reading the rows
+    monkeypatch.setattr(cdrs, "SCOPED", cdrs.SCOPED.replace(
+        "WHERE (", "WHERE 1 / (c.id - c.id) = 1 AND (", 1))
+    reply = await api.get(f"/api/v1/cdrs/export?{APRIL}")
+    assert reply.status == 500
+    assert reply.headers["Content-Type"].startswith("application/problem+json")
+
+
+async def test_an_export_failing_once_started_cuts_the_connection(
+        api: Api, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture):
+    await seed(api, db)
+    plain = cdrs.FORMATS["csv"]
+    seen = []
+
+    def line_then_failure(row: asyncpg.Record) -> bytes:
+        seen.append(row["id"])
+        if len(seen) > 1:
+            raise RuntimeError("the second row cannot be written")
+        return plain.item(row)
+
+    monkeypatch.setattr(cdrs, "EXPORT_CHUNK", 1)
+    monkeypatch.setitem(cdrs.FORMATS, "csv", dataclasses.replace(plain, item=line_then_failure))
+    headers = {"Authorization": f"Bearer {api.token}"}
+    with caplog.at_level(logging.ERROR, "controlplane.api.resources.cdrs"):
+        async with api.client.get(f"/api/v1/cdrs/export?{APRIL}", headers=headers) as resp:
+            assert resp.status == 200  # already sent when the second row failed
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+    assert "CDR export broken off after 1 CDRs" in caplog.text
+
+
 async def test_export_route_needs_a_period(api: Api, db: asyncpg.Pool):
     reply = await api.get("/api/v1/cdrs/export?since=2026-04-01T00:00:00Z")
     assert reply.status == 422
@@ -58,16 +123,15 @@ async def test_monthly_files_hold_each_closed_month_once(db: asyncpg.Pool, api: 
     start, end, label = export.period_of(datetime(2026, 4, 15, tzinfo=UTC).date(), "monthly")
     assert (start.isoformat(), end.isoformat(), label) == (
         "2026-04-01T00:00:00+00:00", "2026-05-01T00:00:00+00:00", "2026-04")
-    written = await export.write_period(db, tmp_path, start, end, label)
-    assert written == tmp_path / "cdrs-2026-04.csv"
-    lines = written.read_text().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("id,node_id,call_id")
-    assert await export.write_period(db, tmp_path, start, end, label) is None  # kept once
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cdrs-2026-04.csv"]
-
-
-def test_closed_periods_are_those_that_have_ended():
-    now = datetime(2026, 5, 3, 10, tzinfo=UTC)
-    assert [p[2] for p in export.closed_periods(now, "monthly", 2)] == ["2026-03", "2026-04"]
-    assert [p[2] for p in export.closed_periods(now, "daily", 2)] == ["2026-05-01",
-                                                                      "2026-05-02"]
+    async with db.acquire() as conn:
+        await conn.execute("TRUNCATE cdr_exports, cdr_export_horizon")
+    try:
+        written = await export.export_closed_periods(db, tmp_path, "monthly", margin=0)
+        assert written[:3] == [tmp_path / f"cdrs-2026-0{m}.csv" for m in (3, 4, 5)]
+        lines = (tmp_path / "cdrs-2026-04.csv").read_text().splitlines()
+        assert len(lines) == 3 and lines[0].startswith("id,node_id,call_id")
+        assert "hangup_cause" in lines[0].split(",")
+        assert await export.export_closed_periods(db, tmp_path, "monthly", margin=0) == []
+    finally:
+        async with db.acquire() as conn:
+            await conn.execute("TRUNCATE cdr_exports, cdr_export_horizon")

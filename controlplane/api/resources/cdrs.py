@@ -1,8 +1,15 @@
 """Call detail records: one per call, imported from the nodes; listed page by page or
-exported as CSV for billing systems, filtered by period, dealer, tenant and extension."""
+exported as CSV or JSON for billing systems, filtered by period, dealer, tenant and
+extension."""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
 from aiohttp import web
 
 from controlplane.api.fields import is_ascii_digits
@@ -19,6 +26,7 @@ from controlplane.api.resources.audit import time_filter
 from controlplane.api.routes import QueryParam, RouteTable
 from controlplane.billing import export
 
+log = logging.getLogger(__name__)
 SCOPED = (f"SELECT {export.SELECT} FROM cdrs c WHERE (c.dealer_path @> ARRAY[$1]::bigint[]"
           " OR (cardinality(c.dealer_path) = 0"
           "     AND $1 = (SELECT id FROM dealers WHERE parent_id IS NULL)))")
@@ -27,6 +35,30 @@ FILTERS = (
     time_filter("until", "c.started_at < ${}", "calls started before"),
     *call_filters("c"),
 )
+EXPORT_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    content_type: str
+    filename: str
+    head: bytes
+    separator: bytes
+    tail: bytes
+    item: Callable[[asyncpg.Record], bytes]
+
+
+def _json_item(row: asyncpg.Record) -> bytes:
+    return json.dumps(export.as_json(row), separators=(",", ":")).encode()
+
+
+FORMATS = {
+    "csv": ExportFormat("text/csv; charset=utf-8", "cdrs.csv", export.csv_header(), b"", b"",
+                        export.csv_line),
+    # the list's shape ({"items": [...]}), in one document
+    "json": ExportFormat("application/json", "cdrs.json", b'{"items":[', b",", b"]}\n",
+                         _json_item),
+}
 
 
 def _paging(query: dict[str, str]) -> tuple[int, int]:
@@ -69,20 +101,43 @@ async def list_cdrs(request: web.Request) -> web.Response:
 async def export_cdrs(request: web.Request) -> web.StreamResponse:
     p = principal_of(request)
     args: list[object] = [p.scope_id]
-    missing = [(f"/query/{name}", "is required for an export") for name in ("since", "until")
-               if name not in request.query]
-    if missing:
-        raise invalid(missing)
-    where = conditions(request.query, FILTERS, args)
+    query = dict(request.query)
+    wanted = query.pop("format", "csv")
+    errors = [(f"/query/{name}", "is required for an export") for name in ("since", "until")
+              if name not in query]
+    if wanted not in FORMATS:
+        errors.append(("/query/format", f"must be one of {', '.join(FORMATS)}"))
+    if errors:
+        raise invalid(errors)
+    form = FORMATS[wanted]
+    where = conditions(query, FILTERS, args)
     sql = SCOPED + "".join(f" AND {w}" for w in where) + " ORDER BY c.id"
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/csv; charset=utf-8",
-        "Content-Disposition": 'attachment; filename="cdrs.csv"'})
-    await response.prepare(request)
     async with request.app[POOL].acquire() as conn, conn.transaction():
-        await response.write(export.csv_header())
-        async for row in conn.cursor(sql, *args, prefetch=1000):
-            await response.write(export.csv_line(row))
+        # the first rows before the status: a query that fails answers with an error
+        cursor = await conn.cursor(sql, *args)
+        rows = await cursor.fetch(EXPORT_CHUNK)
+        response = web.StreamResponse(headers={
+            "Content-Type": form.content_type,
+            "Content-Disposition": f'attachment; filename="{form.filename}"'})
+        await response.prepare(request)
+        sent = 0
+        try:
+            await response.write(form.head)
+            while rows:
+                await response.write((form.separator if sent else b"")
+                                     + form.separator.join(map(form.item, rows)))
+                sent += len(rows)
+                rows = await cursor.fetch(EXPORT_CHUNK)
+            await response.write(form.tail)
+        except ConnectionError:
+            raise  # the client left
+        except Exception:
+            log.exception("CDR export broken off after %d CDRs", sent)
+            # The success status is sent: only a cut connection, with no end of the body,
+            # tells the client the export is incomplete.
+            if request.transport is not None:
+                request.transport.close()
+            return response
     await response.write_eof()
     return response
 
@@ -99,6 +154,9 @@ def register(routes: RouteTable) -> None:
     )
     routes.add("GET", "/api/v1/cdrs", list_cdrs, "List call detail records", "cdrs",
                response=page, query=paging + params(FILTERS))
+    form = QueryParam("format", {"type": "string", "enum": list(FORMATS), "default": "csv"},
+                      'csv, or json: {"items": [...]} as the list answers')
     routes.add("GET", "/api/v1/cdrs/export", export_cdrs,
-               "Export call detail records as CSV (since and until are required)", "cdrs",
-               query=params(FILTERS), response_types=("text/csv",))
+               "Export call detail records as CSV or JSON (since and until are required)",
+               "cdrs", query=(*params(FILTERS), form),
+               response_types=("text/csv", "application/json"))

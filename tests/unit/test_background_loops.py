@@ -1,0 +1,264 @@
+"""The long-running loops of a node's call control and of `serve` outlive an error nobody
+expected (logged with its traceback, naming the node and the loop), and their warnings say
+what failed even when the error has no text (asyncpg's and asyncio's TimeoutError)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from controlplane.calls import housekeeping, lifecycle, node_control
+from controlplane.calls.node_control import (
+    CallControl,
+    CallControlConfig,
+    describe,
+    report_failure,
+    surviving,
+)
+from controlplane.rating.cache import RateCache
+from controlplane.settings import Settings
+
+NO_POOL: Any = None  # the loops' work is replaced: nothing reaches a database
+
+
+class FakeAmi:
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.actions: list[dict[str, str]] = []
+        self.fail_next = False
+
+    async def action(self, message: dict[str, str], timeout: float = 5) -> dict[str, str]:
+        self.actions.append(message)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the node answered something unreadable")
+        return {"Response": "Success"}
+
+
+@pytest.fixture(autouse=True)
+def short_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node_control, "UNEXPECTED_PAUSE", 0.01)
+
+
+def control(ami: FakeAmi | None = None) -> CallControl:
+    """A node's call control with nothing behind it: each test replaces what its loop does."""
+    config = CallControlConfig(tick=0.001, lease_every=0.001, cdr_every=0.001,
+                               cdr_file=Path("/nonexistent/cdr.csv"))
+    nothing: Any = None
+    node_ami: Any = ami or FakeAmi()
+    return CallControl(pool=NO_POOL, node_id=7, node_name="n1", ami=node_ami, ari=nothing,
+                       dsn="", config=config)
+
+
+def failing_once(stop: asyncio.Event, turns: list[int], error: Exception,
+                 result: Any = None, enough: int = 3) -> Callable[..., Awaitable[Any]]:
+    """A loop's work that fails at its first turn, and stops the loop after `enough`."""
+    async def work(*args: Any, **kwargs: Any) -> Any:
+        turns.append(len(turns) + 1)
+        if len(turns) == 1:
+            raise error
+        if len(turns) >= enough:
+            stop.set()
+        return result
+    return work
+
+
+def cdr_import_doing(monkeypatch: pytest.MonkeyPatch,
+                     work: Callable[..., Awaitable[Any]]) -> None:
+    """The node's CDR import, each run of which does `work`."""
+    class Import:
+        def __init__(self, *args: Any) -> None:
+            self.run = work
+
+    monkeypatch.setattr(lifecycle, "CdrImport", Import)
+
+
+async def run_until_stopped(loop: Awaitable[None], stop: asyncio.Event) -> None:
+    await asyncio.wait_for(loop, 5)
+    assert stop.is_set()
+
+
+def unexpected(caplog: pytest.LogCaptureFixture, what: str) -> logging.LogRecord:
+    found = [r for r in caplog.records if r.levelno == logging.ERROR and what in r.getMessage()]
+    assert len(found) == 1, caplog.text
+    assert found[0].exc_info is not None and found[0].exc_info[0] is RuntimeError
+    return found[0]
+
+
+async def test_a_turn_failing_unexpectedly_is_logged_and_the_loop_goes_on(
+        caplog: pytest.LogCaptureFixture):
+    stop, turns = asyncio.Event(), []
+    work = failing_once(stop, turns, RuntimeError("calls [...]: their grants kept moving"))
+    with caplog.at_level(logging.WARNING):
+        while not stop.is_set():
+            async with surviving("node n1: CDR import", stop, node_control.DB_ERRORS):
+                await work()
+    assert turns == [1, 2, 3]
+    record = unexpected(caplog, "node n1: CDR import")
+    assert "grants kept moving" in caplog.text and record.name == node_control.log.name
+
+
+async def test_the_cdr_import_goes_on_after_an_unexpected_error(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    calls = control()
+    stop, turns = asyncio.Event(), []
+    grants_moving = RuntimeError("calls [...]: their grants kept moving while they were settled")
+    cdr_import_doing(monkeypatch, failing_once(stop, turns, grants_moving, result=2))
+    with caplog.at_level(logging.WARNING):
+        await run_until_stopped(calls._cdr_loop(stop), stop)
+    assert turns == [1, 2, 3] and calls.cdrs_imported == 4
+    unexpected(caplog, "node n1: CDR import")
+
+
+@pytest.mark.parametrize("loop, patched", [
+    ("_extend_loop", "extend_due"),
+    ("_lease_loop", "sweep"),
+])
+async def test_grants_and_leases_go_on_after_an_unexpected_error(
+        loop: str, patched: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture):
+    calls = control()
+    stop, turns = asyncio.Event(), []
+    result = [] if patched == "extend_due" else 0
+    monkeypatch.setattr(lifecycle, patched, failing_once(stop, turns, RuntimeError("bug"),
+                                                         result=result))
+    with caplog.at_level(logging.WARNING):
+        await run_until_stopped(getattr(calls, loop)(stop), stop)
+    assert turns == [1, 2, 3]
+    what = {"_extend_loop": "extending calls", "_lease_loop": "lease renewal"}[loop]
+    unexpected(caplog, f"node n1: {what}")
+
+
+async def test_carriers_are_synced_again_after_an_unexpected_error(
+        caplog: pytest.LogCaptureFixture):
+    calls = control()
+    stop, turns = asyncio.Event(), []
+    sync: Any = failing_once(stop, turns, RuntimeError("bug"), enough=2)
+    calls.sync_carriers = sync
+    calls.carriers_dirty.set()
+    with caplog.at_level(logging.WARNING):
+        task = asyncio.create_task(calls._carrier_loop(stop))
+        for _ in range(500):
+            if stop.is_set():
+                break
+            await asyncio.sleep(0.01)
+        calls.carriers_dirty.set()  # wakes the loop to see stop
+        await asyncio.wait_for(task, 5)
+    assert turns == [1, 2]
+    unexpected(caplog, "node n1: carrier sync")
+
+
+async def test_hangups_go_on_after_an_unexpected_error(caplog: pytest.LogCaptureFixture):
+    ami = FakeAmi()
+    ami.fail_next = True
+    calls = control(ami)
+    stop = asyncio.Event()
+    for channel in ("PJSIP/a-1", "PJSIP/b-2"):
+        calls.hangups.put_nowait({"channel_name": channel})
+    with caplog.at_level(logging.WARNING):
+        task = asyncio.create_task(calls._hangup_loop(stop))
+        for _ in range(500):
+            if len(ami.actions) == 2:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        calls.hangups.put_nowait({})
+        await asyncio.wait_for(task, 5)
+    assert [a["Channel"] for a in ami.actions] == ["PJSIP/a-1", "PJSIP/b-2"]
+    unexpected(caplog, "node n1: hangup of PJSIP/a-1")
+
+
+async def test_a_timeout_is_named_in_the_warning(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture):
+    calls = control()
+    stop, turns = asyncio.Event(), []
+    cdr_import_doing(monkeypatch, failing_once(stop, turns, TimeoutError(), result=0,
+                                               enough=2))
+    with caplog.at_level(logging.WARNING):
+        await run_until_stopped(calls._cdr_loop(stop), stop)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["node n1: CDR import failed: TimeoutError"]
+
+
+def test_describe_says_what_failed_when_the_error_has_no_text():
+    assert describe(TimeoutError()) == "TimeoutError"
+    assert describe(TimeoutError(), timeout=5.0) == "TimeoutError (no answer within 5 s)"
+    assert describe(OSError("connection refused"), timeout=5.0) == "connection refused"
+    assert describe(asyncpg.InterfaceError("pool is closing")) == "pool is closing"
+
+
+async def test_housekeeping_goes_on_after_unexpected_errors(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path):
+    stop, sweeps, exports = asyncio.Event(), [], []
+    monkeypatch.setattr(housekeeping, "SWEEP_EVERY", 0.001)
+    monkeypatch.setattr(housekeeping, "EXPORT_RETRY", 0.0)
+    monkeypatch.setattr(lifecycle, "sweep", failing_once(asyncio.Event(), sweeps,
+                                                         RuntimeError("bug"), result=0))
+    monkeypatch.setattr(housekeeping.export, "export_closed_periods",
+                        failing_once(stop, exports, RuntimeError("bug"), result=[], enough=2))
+    settings = Settings(data_dir=tmp_path, cdr_export_dir=str(tmp_path / "cdrs"))
+    with caplog.at_level(logging.WARNING):
+        await run_until_stopped(housekeeping.housekeeping(NO_POOL, settings, stop), stop)
+    assert exports == [1, 2] and len(sweeps) >= 2
+    unexpected(caplog, "call housekeeping: lease sweep")
+    unexpected(caplog, "call housekeeping: CDR export")
+
+
+async def test_housekeeping_names_a_database_timeout(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path):
+    stop, sweeps = asyncio.Event(), []
+    monkeypatch.setattr(housekeeping, "SWEEP_EVERY", 0.001)
+    monkeypatch.setattr(lifecycle, "sweep", failing_once(stop, sweeps, TimeoutError(),
+                                                         result=0, enough=2))
+
+    async def counters_right(pool: object, timeout: float) -> int:
+        return 0
+
+    monkeypatch.setattr(lifecycle, "recount_counters", counters_right)
+    settings = Settings(data_dir=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        await run_until_stopped(housekeeping.housekeeping(NO_POOL, settings, stop), stop)
+    assert [r.getMessage() for r in caplog.records] == [
+        "call housekeeping: lease sweep failed: TimeoutError (no answer within 5 s)"]
+
+
+async def test_a_background_task_ending_on_an_error_says_so(caplog: pytest.LogCaptureFixture):
+    async def dies() -> None:
+        raise RuntimeError("bug")
+
+    with caplog.at_level(logging.ERROR):
+        task = asyncio.create_task(dies(), name="call housekeeping")
+        task.add_done_callback(report_failure)
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0)
+    unexpected(caplog, "call housekeeping ended on an error")
+
+
+class ClosingPool:
+    """A pool being closed under the cache, as at the agent's shutdown."""
+
+    def acquire(self) -> ClosingPool:
+        return self
+
+    async def __aenter__(self) -> None:
+        raise asyncpg.InterfaceError("pool is closing")
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_a_rate_table_that_cannot_be_read_is_logged_and_looked_up_meanwhile(
+        caplog: pytest.LogCaptureFixture):
+    pool: Any = ClosingPool()
+    cache = RateCache(pool)
+    with caplog.at_level(logging.WARNING):
+        cache._load_later(3, 1)
+        await asyncio.gather(*cache._loading.values())
+    assert 3 not in cache._tables and not cache._loading
+    assert "rate table 3 not cached" in caplog.text and "pool is closing" in caplog.text
