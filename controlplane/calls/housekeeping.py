@@ -19,25 +19,33 @@ from controlplane.settings import Settings
 log = logging.getLogger(__name__)
 SWEEP_EVERY = 5.0
 EXPORT_EVERY = 600.0
+EXPORT_RETRY = 60.0  # after a failed export: soon, but not at every sweep
+RECOUNT_EVERY = 60.0  # call counters compared with the calls in progress (migration 0018)
 ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 async def housekeeping(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Event) -> None:
     if settings.cdr_export_period not in ("daily", "monthly"):
         raise SystemExit("PBX_CDR_EXPORT_PERIOD must be daily or monthly")
-    exported_at = 0.0
+    export_due = recount_due = time.monotonic()
     while not stop.is_set():
         async with surviving("call housekeeping: lease sweep", stop, ERRORS,
                              timeout=settings.db_timeout):
             released = await lifecycle.sweep(pool)
             if released:
                 log.warning("released %d calls whose lease lapsed", released)
-        if settings.cdr_export_dir and time.monotonic() - exported_at > EXPORT_EVERY:
+        if time.monotonic() >= recount_due:
+            recount_due = time.monotonic() + RECOUNT_EVERY
+            async with surviving("call housekeeping: call counters", stop, ERRORS,
+                                 timeout=settings.db_timeout):
+                await lifecycle.recount_counters(pool, settings.db_timeout)
+        if settings.cdr_export_dir and time.monotonic() >= export_due:
+            export_due = time.monotonic() + EXPORT_RETRY
             async with surviving("call housekeeping: CDR export", stop, ERRORS,
                                  timeout=settings.db_timeout):
                 await export.export_closed_periods(pool, Path(settings.cdr_export_dir),
                                                    settings.cdr_export_period)
-                exported_at = time.monotonic()
+                export_due = time.monotonic() + EXPORT_EVERY
         try:
             await asyncio.wait_for(stop.wait(), SWEEP_EVERY)
         except TimeoutError:

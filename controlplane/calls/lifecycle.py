@@ -317,6 +317,16 @@ async def sweep(pool: asyncpg.Pool) -> int:
                 released += 1
 
 
+async def recount_counters(pool: asyncpg.Pool, timeout: float) -> int:
+    """Set right the call counters a cap set during traffic left off (migration 0018).
+    Returns how many were."""
+    async with pool.acquire(timeout=timeout) as conn:
+        fixed = await store.recount_call_counters(conn, timeout=timeout)
+    for kind, key, delta in fixed:
+        log.warning("call counter %s %s was off by %+d calls: set right", kind, key, -delta)
+    return len(fixed)
+
+
 async def _release(conn: asyncpg.Connection, call: asyncpg.Record) -> None:
     now = datetime.now(UTC)
     talk = 0.0

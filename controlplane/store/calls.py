@@ -206,6 +206,20 @@ async def release_abandoned(conn: asyncpg.Connection, call_id: UUID, *,
                                     timeout=timeout))
 
 
+async def recount_call_counters(conn: asyncpg.Connection, *, timeout: float
+                                ) -> list[tuple[str, int, int]]:
+    """Set right the call counters that disagree with the calls in progress (migration
+    0018), each in a transaction of its own. Returns (kind, id, correction) of those that
+    were off."""
+    fixed = []
+    for row in await conn.fetch("SELECT kind, id FROM call_counters_off()", timeout=timeout):
+        delta = await conn.fetchval("SELECT recount_call_counter($1, $2)", row["kind"],
+                                    row["id"], timeout=timeout)
+        if delta:
+            fixed.append((str(row["kind"]), int(row["id"]), int(delta)))
+    return fixed
+
+
 SETTLE_SQL = "SELECT outcome, stored FROM settle_call($1, $2, $3, $4::jsonb, $5, $6)"
 
 

@@ -601,3 +601,21 @@ async def test_answers_lease_renewals_and_settlements_never_deadlock(
     assert await db.fetchval("SELECT count(*) FROM cdrs") == 120
     assert await db.fetchval("SELECT active FROM call_counters WHERE kind = 'd' AND id = $1",
                              dist["id"]) == 0
+
+
+async def test_a_counter_left_off_by_a_cap_set_during_traffic_is_set_right(
+        api: Api, db: asyncpg.Pool):
+    node_id, dist, exts = await setup(api, dealer_calls=5, credit="10.00")
+    admission = Admission(db)
+    for n in range(2):
+        assert (await admission.decide(request(node_id, exts[n], n))).admitted
+    async with db.acquire() as conn:
+        assert await calls_store.recount_call_counters(conn, timeout=5) == []
+        # a settlement ran beside the cap being set: its call counted, its release not
+        await conn.execute("UPDATE call_counters SET active = active + 1 WHERE kind = 'd'"
+                           " AND id = $1", dist["id"])
+        assert await calls_store.recount_call_counters(conn, timeout=5) == [
+            ("d", dist["id"], -1)]
+        assert await conn.fetchval("SELECT active FROM call_counters WHERE kind = 'd'"
+                                   " AND id = $1", dist["id"]) == 2
+        assert await calls_store.recount_call_counters(conn, timeout=5) == []
