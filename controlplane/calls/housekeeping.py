@@ -28,10 +28,11 @@ async def housekeeping(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Eve
     if settings.cdr_export_period not in ("daily", "monthly"):
         raise SystemExit("PBX_CDR_EXPORT_PERIOD must be daily or monthly")
     export_due = recount_due = time.monotonic()
+    sweeps = lifecycle.LeaseSweep(pool)
     while not stop.is_set():
         async with surviving("call housekeeping: lease sweep", stop, ERRORS,
                              timeout=settings.db_timeout):
-            released = await lifecycle.sweep(pool)
+            released = await sweeps.run()
             if released:
                 log.warning("released %d calls whose lease lapsed", released)
         if time.monotonic() >= recount_due:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -300,6 +301,40 @@ async def _settle_lines(conn: asyncpg.Connection, node_id: int, lines: list[CdrL
         pending = [(line, calls.get(line.call_id)) for line in stale]
     raise RuntimeError(f"calls {[x.call_id for x in pending]}: their grants kept moving while "
                        "they were settled")
+
+
+# After a process starts, and after the database was away from it, its sweeps wait this
+# long: the agents first renew the leases of the calls their nodes still have and import the
+# CDRs of those that ended meanwhile, which bill them exactly.
+SWEEP_AFTER = 20.0
+
+
+class LeaseSweep:
+    """`sweep` as a process's loop runs it: held back until the database has answered this
+    process for SWEEP_AFTER seconds in a row (a lease that lapsed while the database was
+    away says nothing about the call)."""
+
+    def __init__(self, pool: asyncpg.Pool, after: float = SWEEP_AFTER) -> None:
+        self.pool, self.after = pool, after
+        self.answering_since: float | None = None
+
+    def failed(self) -> None:
+        """The database failed this process: sweeps wait again."""
+        self.answering_since = None
+
+    async def run(self) -> int:
+        try:
+            if self.answering_since is None or \
+                    time.monotonic() - self.answering_since < self.after:
+                async with self.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+                if self.answering_since is None:
+                    self.answering_since = time.monotonic()
+                return 0
+            return await sweep(self.pool)
+        except BaseException:
+            self.failed()
+            raise
 
 
 async def sweep(pool: asyncpg.Pool) -> int:

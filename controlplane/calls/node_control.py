@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 CALLS_CHANNEL = "pbx_calls"
 CARRIER_FAMILY = "pbx-carrier"
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# The longest a call rings before its Dial gives up (asterisk-conf/extensions.conf: 120 s for
+# external calls, 60 s for the others), and how long a call with no grant is vouched for while
+# the node's channels cannot be listed.
+RING_SECONDS = 120.0
+UNSEEN_UNLIMITED = 300.0
 UNEXPECTED_PAUSE = 1.0  # seconds a loop rests after an error nobody foresaw, before going on
 
 
@@ -303,14 +309,33 @@ class CallControl:
                 if m.get("Event") == "CoreShowChannel" and m.get("Uniqueid")]
 
     async def _lease_loop(self, stop: asyncio.Event) -> None:
+        sweeps = lifecycle.LeaseSweep(self.pool)
+        unseen_since: float | None = None  # when the node's channels were last listable
         while not stop.is_set():
             async with self._surviving("lease renewal", stop, (AmiUnavailable, *DB_ERRORS)):
-                if self.ami.connected.is_set():
-                    live = await self.channels()
-                    async with self.pool.acquire() as conn:
-                        await store.renew_leases(conn, self.node_id, live, self.config.lease)
-                await lifecycle.sweep(self.pool)
+                try:
+                    if self.ami.connected.is_set():
+                        live = await self.channels()
+                        unseen_since = None
+                        async with self.pool.acquire() as conn:
+                            await store.renew_leases(conn, self.node_id, live,
+                                                     self.config.lease)
+                    else:
+                        unseen_since = unseen_since or time.monotonic()
+                        await self._vouch_unseen(time.monotonic() - unseen_since)
+                except DB_ERRORS:
+                    sweeps.failed()
+                    raise
+                await sweeps.run()
             await _pause(stop, self.config.lease_every)
+
+    async def _vouch_unseen(self, unseen_for: float) -> None:
+        """The AMI link is down but the node may well be up, its calls talking: they keep
+        their slots, and are billed from the node's CDRs, until they must have ended."""
+        async with self.pool.acquire() as conn:
+            await store.vouch_unseen(conn, self.node_id, self.config.lease,
+                                     unlimited_for=UNSEEN_UNLIMITED - unseen_for,
+                                     ringing_for=RING_SECONDS, cut_slack=lifecycle.CUT_TOLERANCE)
 
     # -- CDRs -----------------------------------------------------------------------------
     async def _cdr_loop(self, stop: asyncio.Event) -> None:

@@ -192,6 +192,28 @@ async def renew_leases(conn: asyncpg.Connection, node_id: int, channels: list[st
     return int(status.split()[-1])
 
 
+# Calls of a node whose agent cannot see its channels (AMI away) may still be talking, but
+# not past what the node itself enforces: an answered call ends at its grant (plus a moment
+# for the cut), a ringing one rings for at most $4 s and then talks for at most its grant.
+# A call with no grant has no such end: it is vouched for $3 s more at most.
+VOUCH_SQL = (
+    "UPDATE calls SET lease_until = greatest(lease_until, least("
+    " now() + make_interval(secs => $2), CASE"
+    "  WHEN granted_seconds IS NULL THEN now() + make_interval(secs => $3)"
+    "  WHEN answered_at IS NULL THEN started_at + make_interval(secs => $4 + granted_seconds)"
+    "  ELSE granted_until + make_interval(secs => $5) END))"
+    " WHERE id IN (SELECT id FROM calls WHERE node_id = $1 ORDER BY id FOR UPDATE)")
+
+
+async def vouch_unseen(conn: asyncpg.Connection, node_id: int, lease: float, *,
+                       unlimited_for: float, ringing_for: float, cut_slack: float) -> int:
+    """Renew the leases of a node's calls while its channels cannot be listed, each only up
+    to the latest time it could still be talking (VOUCH_SQL); returns the calls renewed."""
+    status = await conn.execute(VOUCH_SQL, node_id, lease, max(0.0, unlimited_for),
+                                ringing_for, cut_slack)
+    return int(status.split()[-1])
+
+
 async def expired(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
     """Calls whose lease lapsed, locked for this transaction (others skip them)."""
     return await conn.fetch("SELECT * FROM calls WHERE lease_until < now()"

@@ -619,3 +619,44 @@ async def test_a_counter_left_off_by_a_cap_set_during_traffic_is_set_right(
         assert await conn.fetchval("SELECT active FROM call_counters WHERE kind = 'd'"
                                    " AND id = $1", dist["id"]) == 2
         assert await calls_store.recount_call_counters(conn, timeout=5) == []
+
+
+async def test_sweeps_wait_until_the_database_has_answered_for_a_while(
+        api: Api, db: asyncpg.Pool):
+    """After a start or an outage the agents renew and import first: a lease that lapsed
+    while the database was away is not taken for a dead node at once."""
+    node_id, _, exts = await setup(api, dealer_calls=5, credit="10.00")
+    await Admission(db).decide(request(node_id, exts[0], 1))
+    await db.execute("UPDATE calls SET lease_until = now() - interval '1 s'")
+    sweeps = lifecycle.LeaseSweep(db, after=0.3)
+    assert await sweeps.run() == 0
+    await asyncio.sleep(0.35)
+    sweeps.failed()  # the database failed this process meanwhile: it waits again
+    assert await sweeps.run() == 0
+    assert await db.fetchval("SELECT count(*) FROM calls") == 1
+    await asyncio.sleep(0.35)
+    assert await sweeps.run() == 1
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+
+
+async def test_calls_the_agent_cannot_see_are_vouched_for_until_they_must_have_ended(
+        api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api, dealer_calls=5, credit="10.00")
+    admission = Admission(db)
+    talking, over, ringing = [await admission.decide(request(node_id, exts[n], n))
+                              for n in range(3)]
+    await db.execute("UPDATE calls SET lease_until = now() - interval '1 s'")
+    # answered 10 s ago with 60 s granted: it talks on for 50 s at most
+    await db.execute("UPDATE calls SET answered_at = now() - interval '10 s',"
+                     " granted_until = now() + interval '50 s' WHERE id = $1",
+                     talking.call_id)
+    # its grant ended a minute ago: the node has cut it
+    await db.execute("UPDATE calls SET answered_at = now() - interval '2 min',"
+                     " granted_until = now() - interval '1 min' WHERE id = $1", over.call_id)
+    async with db.acquire() as conn:
+        await calls_store.vouch_unseen(conn, node_id, 30.0, unlimited_for=0.0,
+                                       ringing_for=120.0, cut_slack=1.0)
+        lapsed = {r["id"]: r["lapsed"] for r in await conn.fetch(
+            "SELECT id, lease_until < now() AS lapsed FROM calls")}
+    assert lapsed == {talking.call_id: False, over.call_id: True, ringing.call_id: False}
+    assert await lifecycle.sweep(db) == 1

@@ -56,6 +56,14 @@ def control(ami: FakeAmi | None = None) -> CallControl:
                        dsn="", config=config)
 
 
+@pytest.fixture(autouse=True)
+def sweeps_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loops' sweeps run lifecycle.sweep at once (their wait for the database is
+    tested in tests/integration/test_admission.py)."""
+    monkeypatch.setattr(lifecycle.LeaseSweep, "run",
+                        lambda self: lifecycle.sweep(self.pool))
+
+
 def failing_once(stop: asyncio.Event, turns: list[int], error: Exception,
                  result: Any = None, enough: int = 3) -> Callable[..., Awaitable[Any]]:
     """A loop's work that fails at its first turn, and stops the loop after `enough`."""
@@ -124,6 +132,11 @@ async def test_grants_and_leases_go_on_after_an_unexpected_error(
         loop: str, patched: str, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture):
     calls = control()
+
+    async def vouched(unseen_for: float) -> None:
+        return None
+
+    monkeypatch.setattr(calls, "_vouch_unseen", vouched)  # the AMI link is down here
     stop, turns = asyncio.Event(), []
     result = [] if patched == "extend_due" else 0
     monkeypatch.setattr(lifecycle, patched, failing_once(stop, turns, RuntimeError("bug"),
