@@ -123,6 +123,10 @@ class CallControl:
                  self._carrier_loop(stop), self._hangup_loop(stop)]
         if self.config.cdr_file is not None:
             loops.append(self._cdr_loop(stop))
+        else:
+            log.warning("node %s: no CDR file (PBX_CDR_FILE): its calls are settled only when "
+                        "their leases lapse, billed up to their grants, and refused calls leave "
+                        "no CDR", self.node_name)
         tasks = [asyncio.create_task(loop, name=f"node {self.node_name}: {loop.__name__}")
                  for loop in loops]
         for task in tasks:
@@ -158,7 +162,8 @@ class CallControl:
             async with self.pool.acquire() as conn:
                 calls = await conn.fetch(store.UNANSWERED_SQL, self.node_id)
         except DB_ERRORS as exc:
-            log.warning("node %s: answers not resynchronised (%s)", self.node_name, exc)
+            log.warning("node %s: answers not resynchronised (%s)", self.node_name,
+                        describe(exc))
             return 0
         recovered = 0
         for call in calls:
@@ -174,7 +179,7 @@ class CallControl:
                         self.config.lease)
             except (AmiUnavailable, ValueError, OverflowError, *DB_ERRORS) as exc:
                 log.warning("node %s: answer of %s not resynchronised (%s)", self.node_name,
-                            call["id"], exc)
+                            call["id"], describe(exc))
         if recovered:
             log.info("node %s: %d answers recovered after the AMI link came back",
                      self.node_name, recovered)
@@ -202,8 +207,8 @@ class CallControl:
         try:
             decision = await self.admission.decide(request)
         except DB_ERRORS as exc:
-            log.warning("node %s: admission failed (%s): policy %s", self.node_name, exc,
-                        self.config.fail_policy)
+            log.warning("node %s: admission failed (%s): policy %s", self.node_name,
+                        describe(exc), self.config.fail_policy)
             decision = unavailable(self.config.fail_policy)
         self.decisions += 1
         return decision.channel_variables()
@@ -235,8 +240,8 @@ class CallControl:
                                                          timeout=self.config.lease)
         except DB_ERRORS as exc:
             log.warning("node %s: call %s, admitted after its node was answered by policy, "
-                        "not released (%r): its lease will release it", self.node_name,
-                        call_id, exc)
+                        "not released (%s): its lease will release it", self.node_name,
+                        call_id, describe(exc, self.config.lease))
             return
         if released:
             log.warning("node %s: call %s was admitted after its node was answered by "
@@ -278,7 +283,8 @@ class CallControl:
             return None
         except DB_ERRORS as exc:
             # The end set from the admission's grant stays: the call is still cut on time.
-            log.warning("node %s: answer of %s not recorded (%s)", self.node_name, call_id, exc)
+            log.warning("node %s: answer of %s not recorded (%s)", self.node_name, call_id,
+                        describe(exc))
             return None
 
     # -- granted time ---------------------------------------------------------------------
