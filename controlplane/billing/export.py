@@ -8,7 +8,7 @@ AMI) go into the period's next supplement, `cdrs-<label>.supplement-<n>.csv`. Pe
 closed while `serve` was down, however many, get their files when it returns.
 
 Each file is recorded (table cdr_exports, migration 0015) before it is written: its period
-and the interval of storage times (`cdrs.imported_at`) it holds. What it holds is then
+and the interval of storing transactions (`cdrs.stored_xid`) it holds. What it holds is then
 fixed, so a file a crash kept from being written is written later, the same.
 """
 
@@ -28,10 +28,6 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 CHUNK = 5000
-# CDRs stored this recently wait for the next export: a transaction shows in
-# pg_stat_activity a moment after it took its start time, which it stamps its CDRs with.
-HORIZON_MARGIN = 60.0
-HELD_BACK_WARNING = timedelta(minutes=15)  # an export held back this long says by whom
 
 FIELDS = ("id", "node_id", "call_id", "direction", "started_at", "answered_at", "ended_at",
           "caller", "callee", "call_class", "tenant_id", "external_ref", "extension_id",
@@ -101,27 +97,22 @@ def file_name(label: str, number: int) -> str:
     return f"cdrs-{label}.csv" if number == 0 else f"cdrs-{label}.supplement-{number}.csv"
 
 
-# The storage time before which every CDR is committed. A transaction storing CDRs stamps
-# them with its start (imported_at = now()), so the horizon stays before the start of every
-# transaction still open. pg_stat_activity shows another role's transactions only to
-# members of pg_read_all_stats: the agents and serve use one role.
-HORIZON_SQL = """
-SELECT now() AS now, now() - make_interval(secs => $1) AS margin, a.xact_start, a.pid
-  FROM (SELECT) AS here
-  LEFT JOIN LATERAL (SELECT xact_start, pid FROM pg_stat_activity
-                      WHERE datname = current_database() AND backend_type = 'client backend'
-                        AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
-                      ORDER BY xact_start LIMIT 1) AS a ON true
-"""
-# CDRs stored in [$1, $2) that started before $3 (where the files so far end), by the file
-# of the period they belong to; NULL: they started before the first file's period.
-LATE_SQL = """
+# Where the export can look: every transaction whose id is below the oldest one still
+# running has ended, so every CDR stored with a lower id (cdrs.stored_xid, migration 0015)
+# is committed, or gone; one being stored now gets a higher id and a later file. Transaction
+# ids are the database's own: no clock, no view of other sessions needed.
+HORIZON_SQL = ("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xid,"
+               " now() AS now")
+STORED = "coalesce(c.stored_xid, 0)"  # CDRs stored before migration 0015: the oldest
+# CDRs stored in [$1, $2) (transaction ids) that started before $3 (where the files so far
+# end), by the file of the period they belong to; NULL: they started before the first file's.
+LATE_SQL = f"""
 SELECT e.label, min(c.started_at) AS earliest
   FROM cdrs c
   LEFT JOIN LATERAL (SELECT x.label FROM cdr_exports x
                       WHERE x.number = 0 AND x.period_start <= c.started_at
                       ORDER BY x.period_start DESC LIMIT 1) AS e ON true
- WHERE c.imported_at >= $1 AND c.imported_at < $2 AND c.started_at < $3
+ WHERE {STORED} >= $1 AND {STORED} < $2 AND c.started_at < $3
  GROUP BY e.label
 """
 SUPPLEMENTS_SQL = """
@@ -144,63 +135,47 @@ SELECT label, number, period_start, period_end, stored_from, stored_before
  ORDER BY period_start, number LIMIT 1 FOR UPDATE SKIP LOCKED
 """
 FILE_SQL = (f"SELECT {SELECT} FROM cdrs c WHERE c.started_at >= $1 AND c.started_at < $2"
-            " AND c.imported_at >= coalesce($3::timestamptz, '-infinity')"
-            " AND c.imported_at < $4 ORDER BY c.id")
+            f" AND {STORED} >= coalesce($3::bigint, 0) AND {STORED} < $4 ORDER BY c.id")
 # any constant: the same for every process exporting into this database
 RECORD_LOCK_KEY = 7_140_015
 
 
-async def export_closed_periods(pool: asyncpg.Pool, folder: Path, period: str, *,
-                                margin: float = HORIZON_MARGIN) -> list[Path]:
+async def export_closed_periods(pool: asyncpg.Pool, folder: Path, period: str) -> list[Path]:
     """Record the files now due (the periods closed since the last export, the supplements
     of those whose CDRs were stored since) and write every file recorded and not written
     yet, into `folder`. Returns the files written."""
     async with pool.acquire() as conn:
-        horizon = await _horizon(conn, margin)
+        # in a statement of its own, before those reading the CDRs
+        horizon = await conn.fetchrow(HORIZON_SQL)
         async with conn.transaction():
             # one serve records at a time; another one finds nothing left to record
             if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RECORD_LOCK_KEY):
-                await _record(conn, period, horizon)
+                await _record(conn, period, horizon["xid"], horizon["now"])
         return await _write_recorded(conn, folder)
 
 
-async def _horizon(conn: asyncpg.Connection, margin: float) -> datetime:
-    """Every CDR stored before the returned time is committed. Run alone in its
-    transaction, before those reading the CDRs: pg_stat_activity is read once a
-    transaction."""
-    row = await conn.fetchrow(HORIZON_SQL, margin)
-    if row["xact_start"] is None:
-        return row["margin"]
-    if row["now"] - row["xact_start"] > HELD_BACK_WARNING:
-        log.warning("CDR export: CDRs stored since %s wait for the transaction of backend %s,"
-                    " open since then", row["xact_start"].isoformat(), row["pid"])
-    return min(row["margin"], row["xact_start"])
-
-
-async def _record(conn: asyncpg.Connection, period: str, horizon: datetime) -> None:
+async def _record(conn: asyncpg.Connection, period: str, horizon: int, now: datetime) -> None:
     """Record the files due: a supplement for each period with a file whose CDRs were
-    stored since the last export, and a file for each period closed since then (or older
-    than the first file, when a CDR that old was stored). Then the export has looked up to
-    `horizon`."""
+    stored since the last export, and a file for each period closed by `now` since then (or
+    older than the first file, when a CDR that old was stored). Then the export has looked
+    up to `horizon` (a transaction id: see HORIZON_SQL)."""
     looked = await conn.fetchval("SELECT stored_before FROM cdr_export_horizon")
-    if looked is not None and horizon <= looked:
-        return
     first, end = await conn.fetchrow("SELECT min(period_start), max(period_end)"
                                      " FROM cdr_exports WHERE number = 0")
-    closed_end = period_of(horizon.astimezone(UTC).date(), period)[0]
-    files: list[tuple[str, int, datetime, datetime, datetime | None, datetime]] = []
+    closed_end = period_of(now.astimezone(UTC).date(), period)[0]
+    files: list[tuple[str, int, datetime, datetime, int | None, int]] = []
     earliest = None
     if end is None:
-        earliest = await conn.fetchval("SELECT min(started_at) FROM cdrs"
-                                       " WHERE imported_at < $1", horizon)
+        earliest = await conn.fetchval(f"SELECT min(started_at) FROM cdrs c"
+                                       f" WHERE {STORED} < $1", horizon)
         end = first = closed_end
-    else:
-        late = {r["label"]: r["earliest"] for r in await conn.fetch(LATE_SQL, looked, horizon,
-                                                                   end)}
+    elif looked is None or looked < horizon:
+        late = {r["label"]: r["earliest"]
+                for r in await conn.fetch(LATE_SQL, looked or 0, horizon, end)}
         earliest = late.pop(None, None)
         for r in await conn.fetch(SUPPLEMENTS_SQL, list(late)):
-            files.append((r["label"], r["number"], r["period_start"], r["period_end"], looked,
-                          horizon))
+            files.append((r["label"], r["number"], r["period_start"], r["period_end"],
+                          looked or 0, horizon))
     if earliest is not None:
         start = period_of(earliest.astimezone(UTC).date(), period)[0]
         files += [(label, 0, s, e, None, horizon) for s, e, label in periods(start, first,
@@ -208,7 +183,7 @@ async def _record(conn: asyncpg.Connection, period: str, horizon: datetime) -> N
     files += [(label, 0, s, e, None, horizon) for s, e, label in periods(end, closed_end,
                                                                           period)]
     await conn.executemany(RECORD_SQL, files)
-    await conn.execute(LOOKED_SQL, horizon)
+    await conn.execute(LOOKED_SQL, max(horizon, looked or 0))
 
 
 async def _write_recorded(conn: asyncpg.Connection, folder: Path) -> list[Path]:

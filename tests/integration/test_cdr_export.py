@@ -126,12 +126,12 @@ async def test_monthly_files_hold_each_closed_month_once(db: asyncpg.Pool, api: 
     async with db.acquire() as conn:
         await conn.execute("TRUNCATE cdr_exports, cdr_export_horizon")
     try:
-        written = await export.export_closed_periods(db, tmp_path, "monthly", margin=0)
+        written = await export.export_closed_periods(db, tmp_path, "monthly")
         assert written[:3] == [tmp_path / f"cdrs-2026-0{m}.csv" for m in (3, 4, 5)]
         lines = (tmp_path / "cdrs-2026-04.csv").read_text().splitlines()
         assert len(lines) == 3 and lines[0].startswith("id,node_id,call_id")
         assert "hangup_cause" in lines[0].split(",")
-        assert await export.export_closed_periods(db, tmp_path, "monthly", margin=0) == []
+        assert await export.export_closed_periods(db, tmp_path, "monthly") == []
     finally:
         async with db.acquire() as conn:
             await conn.execute("TRUNCATE cdr_exports, cdr_export_horizon")

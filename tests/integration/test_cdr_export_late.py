@@ -42,7 +42,7 @@ def ids_in(path: Path) -> list[int]:
 
 
 async def run(db: asyncpg.Pool, folder: Path, period: str = "monthly") -> list[str]:
-    return [p.name for p in await export.export_closed_periods(db, folder, period, margin=0)]
+    return [p.name for p in await export.export_closed_periods(db, folder, period)]
 
 
 async def months_closed_since(db: asyncpg.Pool, first: str) -> list[str]:
@@ -82,9 +82,9 @@ async def test_a_cdr_stored_after_its_period_file_goes_into_one_supplement(
 
 async def test_a_cdr_committed_while_the_export_looks_is_in_a_later_file(
         db: asyncpg.Pool, node: int, tmp_path: Path, settings):
-    """A transaction storing CDRs stamps them with its start: the export stays before the
-    start of every transaction still open, or a CDR committed after it looked would be
-    older than where the next export starts looking."""
+    """A CDR is committed after the export looked, by a transaction that had stored it
+    before: the export stays below every transaction still running, so it finds the CDR the
+    next time, in a supplement."""
     importer = await asyncpg.connect(settings.dsn)
     try:
         async with db.acquire() as conn:
@@ -100,6 +100,24 @@ async def test_a_cdr_committed_while_the_export_looks_is_in_a_later_file(
         await importer.close()
     assert await run(db, tmp_path) == ["cdrs-2026-04.supplement-1.csv"]
     assert ids_in(tmp_path / "cdrs-2026-04.supplement-1.csv") == [pending]
+
+
+async def test_a_transaction_that_stores_nothing_holds_no_file_back(
+        db: asyncpg.Pool, node: int, tmp_path: Path, settings):
+    """Only transactions that write can hold a CDR back: a session reading for a long time
+    (a report, a reconcile) leaves the export free."""
+    reader = await asyncpg.connect(settings.dsn)
+    try:
+        long_read = reader.transaction()
+        await long_read.start()
+        await reader.fetchval("SELECT count(*) FROM cdrs")
+        async with db.acquire() as conn:
+            cdr = await store(conn, node, "u1", "2026-04-10T12:00:00+00:00")
+        assert "cdrs-2026-04.csv" in await run(db, tmp_path)
+        assert ids_in(tmp_path / "cdrs-2026-04.csv") == [cdr]
+        await long_read.rollback()
+    finally:
+        await reader.close()
 
 
 async def test_every_period_closed_while_serve_was_away_gets_its_file(
