@@ -231,6 +231,9 @@ class Admission:
         self.pool, self.lease, self.ahead = pool, lease, ahead
         self.rates = RateCache(pool)
         self.parties = PartyCache()
+        # the calls whose admission statement is on its way, by channel: a decision given up
+        # on then may still commit, and must be undone (see CallControl._on_abandoned)
+        self.admitting: dict[str, uuid.UUID] = {}
         self._answers: Batcher[uuid.UUID, tuple[str, datetime | None], int | None] = \
             Batcher(self._record_answers, default=None, window=answer_window)
 
@@ -333,6 +336,7 @@ class Admission:
         account_extension, floor = _floor(party)
         if rate is not None and not credit.is_free(rate):
             options = list(credit.first_grant_options(rate, self.ahead))
+        self.admitting[req.channel] = call_id
         try:
             grant = await store.admit(conn, {
                 "id": call_id, "node_id": req.node_id, "channel": req.channel,
@@ -348,6 +352,8 @@ class Admission:
             raise Refused(*LEVEL_REFUSAL[full.kind], checked=True) from None
         except store.NoCredit:
             raise Refused(402, "no_credit", checked=True) from None
+        finally:
+            self.admitting.pop(req.channel, None)
         return Decision(True, call_id=call_id, target=target, grant=grant,
                         variables={"PBX_TENANT": str(party["tenant_id"])})
 

@@ -54,6 +54,9 @@ DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutErro
 # the node's channels cannot be listed.
 RING_SECONDS = 120.0
 UNSEEN_UNLIMITED = 300.0
+# A call admitted this recently may be missing from a listing taken just before: it keeps
+# its lease when the node is seen again.
+LISTING_LAG = 10.0
 UNEXPECTED_PAUSE = 1.0  # seconds a loop rests after an error nobody foresaw, before going on
 
 
@@ -219,19 +222,20 @@ class CallControl:
         return {}
 
     def _on_abandoned(self, req: AgiRequest, task: asyncio.Task[Mapping[str, str]]) -> None:
-        """The node was answered by policy while the decision went on: an admission that
-        still commits is undone, since its call will never ring."""
-        if req.script == "admit":
-            task.add_done_callback(self._release_if_admitted)
-        else:
-            task.cancel()
+        """The node was answered by policy while the decision went on: it is cancelled (a
+        decision still waiting for a connection then never runs), and one whose admission
+        statement was on its way, which may commit all the same, is undone once it ends,
+        since its call will never ring."""
+        call_id = self.admission.admitting.get(req.uniqueid) if req.script == "admit" else None
+        task.cancel()
+        task.add_done_callback(lambda done: self._after_abandoned(done, call_id))
 
-    def _release_if_admitted(self, task: asyncio.Task[Mapping[str, str]]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return  # nothing was admitted (the failure was logged where it happened)
-        call = task.result().get("PBX_CALL")
-        if call:
-            self._in_background(self._release_abandoned(uuid.UUID(call)))
+    def _after_abandoned(self, task: asyncio.Task[Mapping[str, str]],
+                         call_id: uuid.UUID | None) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("node %s: a decision given up on failed", self.node_name, exc_info=exc)
+        if call_id is not None:
+            self._in_background(self._release_abandoned(call_id))
 
     async def _release_abandoned(self, call_id: uuid.UUID) -> None:
         try:
@@ -290,11 +294,13 @@ class CallControl:
     # -- granted time ---------------------------------------------------------------------
     async def _extend_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            # no link to the node, no end to move: nothing is reserved that it would not get
             async with self._surviving("extending calls", stop, DB_ERRORS):
-                for moved in await lifecycle.extend_due(self.pool, self.node_id,
-                                                        self.config.lead, self.config.lease,
-                                                        self.config.ahead):
-                    await self._move_end(moved)
+                if self.ami.connected.is_set():
+                    for moved in await lifecycle.extend_due(self.pool, self.node_id,
+                                                            self.config.lead, self.config.lease,
+                                                            self.config.ahead):
+                        await self._move_end(moved)
             await _pause(stop, self.config.tick)
 
     async def _move_end(self, moved: lifecycle.Extension) -> None:
@@ -320,12 +326,15 @@ class CallControl:
         while not stop.is_set():
             async with self._surviving("lease renewal", stop, (AmiUnavailable, *DB_ERRORS)):
                 try:
-                    if self.ami.connected.is_set():
-                        live = await self.channels()
-                        unseen_since = None
+                    live = await self._listed_channels()
+                    if live is not None:
                         async with self.pool.acquire() as conn:
                             await store.renew_leases(conn, self.node_id, live,
                                                      self.config.lease)
+                            if unseen_since is not None:  # seen again: vouched-for calls
+                                await store.end_vouching(conn, self.node_id, live,  # gone
+                                                         LISTING_LAG)
+                        unseen_since = None
                     else:
                         unseen_since = unseen_since or time.monotonic()
                         await self._vouch_unseen(time.monotonic() - unseen_since)
@@ -334,6 +343,17 @@ class CallControl:
                     raise
                 await sweeps.run()
             await _pause(stop, self.config.lease_every)
+
+    async def _listed_channels(self) -> list[str] | None:
+        """The node's channels; None when they cannot be listed (no link, or a link that
+        does not answer)."""
+        if not self.ami.connected.is_set():
+            return None
+        try:
+            return await self.channels()
+        except AmiUnavailable as exc:
+            log.warning("node %s: channels not listed (%s)", self.node_name, describe(exc))
+            return None
 
     async def _vouch_unseen(self, unseen_for: float) -> None:
         """The AMI link is down but the node may well be up, its calls talking: they keep

@@ -214,6 +214,20 @@ async def vouch_unseen(conn: asyncpg.Connection, node_id: int, lease: float, *,
     return int(status.split()[-1])
 
 
+async def end_vouching(conn: asyncpg.Connection, node_id: int, channels: list[str],
+                       lag: float) -> int:
+    """The node's channels are listed again after an outage: its calls that are not among
+    them (and not admitted within `lag` seconds) ended meanwhile, and lose the leases they
+    were vouched for (vouch_unseen). Returns how many."""
+    status = await conn.execute(
+        "UPDATE calls SET lease_until = least(lease_until, now())"
+        " WHERE id IN (SELECT id FROM calls WHERE node_id = $1"
+        " AND NOT (channel = ANY ($2::text[]))"
+        " AND started_at < now() - make_interval(secs => $3) ORDER BY id FOR UPDATE)",
+        node_id, channels, lag)
+    return int(status.split()[-1])
+
+
 async def expired(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
     """Calls whose lease lapsed, locked for this transaction (others skip them)."""
     return await conn.fetch("SELECT * FROM calls WHERE lease_until < now()"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from controlplane.asterisk.fastagi import AgiRequest
 from controlplane.calls import housekeeping, lifecycle, node_control
 from controlplane.calls.node_control import (
     CallControl,
@@ -54,6 +56,11 @@ def control(ami: FakeAmi | None = None) -> CallControl:
     node_ami: Any = ami or FakeAmi()
     return CallControl(pool=NO_POOL, node_id=7, node_name="n1", ami=node_ami, ari=nothing,
                        dsn="", config=config)
+
+
+async def counters_right(pool: object, timeout: float) -> int:
+    """Housekeeping's recount of call counters, finding them all right."""
+    return 0
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +143,9 @@ async def test_grants_and_leases_go_on_after_an_unexpected_error(
     async def vouched(unseen_for: float) -> None:
         return None
 
-    monkeypatch.setattr(calls, "_vouch_unseen", vouched)  # the AMI link is down here
+    monkeypatch.setattr(calls, "_vouch_unseen", vouched)  # the lease loop: AMI down
+    if loop == "_extend_loop":
+        calls.ami.connected.set()  # extending needs the node's AMI link
     stop, turns = asyncio.Event(), []
     result = [] if patched == "extend_due" else 0
     monkeypatch.setattr(lifecycle, patched, failing_once(stop, turns, RuntimeError("bug"),
@@ -215,6 +224,8 @@ async def test_housekeeping_goes_on_after_unexpected_errors(
                                                          RuntimeError("bug"), result=0))
     monkeypatch.setattr(housekeeping.export, "export_closed_periods",
                         failing_once(stop, exports, RuntimeError("bug"), result=[], enough=2))
+
+    monkeypatch.setattr(lifecycle, "recount_counters", counters_right)
     settings = Settings(data_dir=tmp_path, cdr_export_dir=str(tmp_path / "cdrs"))
     with caplog.at_level(logging.WARNING):
         await run_until_stopped(housekeeping.housekeeping(NO_POOL, settings, stop), stop)
@@ -229,9 +240,6 @@ async def test_housekeeping_names_a_database_timeout(
     monkeypatch.setattr(housekeeping, "SWEEP_EVERY", 0.001)
     monkeypatch.setattr(lifecycle, "sweep", failing_once(stop, sweeps, TimeoutError(),
                                                          result=0, enough=2))
-
-    async def counters_right(pool: object, timeout: float) -> int:
-        return 0
 
     monkeypatch.setattr(lifecycle, "recount_counters", counters_right)
     settings = Settings(data_dir=tmp_path)
@@ -275,3 +283,35 @@ async def test_a_rate_table_that_cannot_be_read_is_logged_and_looked_up_meanwhil
         await asyncio.gather(*cache._loading.values())
     assert 3 not in cache._tables and not cache._loading
     assert "rate table 3 not cached" in caplog.text and "pool is closing" in caplog.text
+
+
+@pytest.mark.parametrize("in_statement", [True, False])
+async def test_a_decision_given_up_on_is_cancelled_and_undone_if_it_may_commit(
+        in_statement: bool, monkeypatch: pytest.MonkeyPatch):
+    """Cancelled, a decision still waiting (for a connection, say) never runs; one whose
+    admission statement was on its way may commit all the same, and is undone once it ends."""
+    calls = control()
+    released: list[uuid.UUID] = []
+
+    async def release(call_id: uuid.UUID) -> None:
+        released.append(call_id)
+
+    monkeypatch.setattr(calls, "_release_abandoned", release)
+    deciding = asyncio.Event()
+
+    async def decide() -> dict[str, str]:
+        deciding.set()
+        await asyncio.sleep(10)
+        return {}
+
+    task = asyncio.create_task(decide())
+    await deciding.wait()
+    call_id = uuid.uuid4()
+    if in_statement:
+        calls.admission.admitting["chan-1"] = call_id
+    calls._on_abandoned(AgiRequest("admit", (), {"agi_uniqueid": "chan-1"}), task)
+    await asyncio.gather(task, return_exceptions=True)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert task.cancelled()
+    assert released == ([call_id] if in_statement else [])
