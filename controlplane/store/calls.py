@@ -218,9 +218,10 @@ async def end_vouching(conn: asyncpg.Connection, node_id: int, channels: list[st
                        lag: float) -> int:
     """The node's channels are listed again after an outage: its calls that are not among
     them (and not admitted within `lag` seconds) ended meanwhile, and lose the leases they
-    were vouched for (vouch_unseen). Returns how many."""
+    were vouched for (vouch_unseen), keeping `lag` seconds for the CDR of one that ended a
+    moment ago to be imported first. Returns how many."""
     status = await conn.execute(
-        "UPDATE calls SET lease_until = least(lease_until, now())"
+        "UPDATE calls SET lease_until = least(lease_until, now() + make_interval(secs => $3))"
         " WHERE id IN (SELECT id FROM calls WHERE node_id = $1"
         " AND NOT (channel = ANY ($2::text[]))"
         " AND started_at < now() - make_interval(secs => $3) ORDER BY id FOR UPDATE)",
