@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 from aiohttp import web
@@ -42,6 +42,20 @@ RESOURCES: tuple[Resource, ...] = (
 MAX_BODY = 1024 * 1024
 
 
+class WaitBoundedPool:
+    """The pool as requests use it: one waits at most `timeout` seconds for a connection
+    (then 503 with Retry-After) rather than for ever behind others holding them all."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+        self._pool, self._timeout = pool, timeout
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return self._pool.acquire(timeout=self._timeout if timeout is None else timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as problem+json; a database refusal is named, never a 500."""
@@ -65,7 +79,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return ApiError(500, "Internal error", f"incident {incident}", kind="internal").response()
     except (DatabaseUnavailable, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
         log.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
-        return ApiError(503, "Service unavailable", "the database is unreachable; retry later",
+        return ApiError(503, "Service unavailable",
+                        "the database is unreachable or busy; retry later",
                         kind="unavailable", headers={"Retry-After": "5"}).response()
     except Exception:
         incident = uuid.uuid4().hex[:12]
@@ -114,7 +129,7 @@ def build_app(settings: Settings, pool: asyncpg.Pool) -> web.Application:
                           client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     oauth.install(app)
-    app[POOL] = pool
+    app[POOL] = cast(asyncpg.Pool, WaitBoundedPool(pool, settings.db_timeout))
     routes = build_routes()
     routes.register(app)
     app[ROUTES] = routes

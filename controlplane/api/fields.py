@@ -168,6 +168,10 @@ def choice(values: tuple[str, ...], description: str = "", *, required: bool = F
                  description=description)
 
 
+# a decimal string as the schema of money() says (no exponent, no "_", no spaces)
+DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
+
+
 def money(minimum: Decimal = Decimal("-1000000000"), maximum: Decimal = Decimal("1000000000"), *,
           required: bool = False, description: str = "", places: int = 4) -> Field:
     """An amount, given as a JSON number or a decimal string, with at most `places` decimals."""
@@ -175,8 +179,8 @@ def money(minimum: Decimal = Decimal("-1000000000"), maximum: Decimal = Decimal(
     def parse(value: Any) -> Decimal:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise FieldError("must be a number or a decimal string")
-        if isinstance(value, str) and (len(value) > 40 or not value.isascii()):
-            raise FieldError("must be a decimal number")
+        if isinstance(value, str) and (len(value) > 40 or not DECIMAL.fullmatch(value)):
+            raise FieldError("must be a decimal number, e.g. 12.50")
         try:
             amount = Decimal(str(value))
         except InvalidOperation as exc:

@@ -8,10 +8,16 @@ from typing import Any
 
 from aiohttp import web
 
-from controlplane.api.fields import FieldError
 from controlplane.api.keys import POOL
 from controlplane.api.problems import invalid
-from controlplane.api.resource import Filter, int_filter, json_response, principal_of, text_filter
+from controlplane.api.resource import (
+    Filter,
+    int_filter,
+    json_response,
+    parse_filters,
+    principal_of,
+    text_filter,
+)
 from controlplane.api.routes import QueryParam
 
 
@@ -21,16 +27,7 @@ def conditions(query: Mapping[str, str], filters: Iterable[Filter], args: list[A
     bad values answer 422 naming each one. `extra` filters are parsed and bound too."""
     known = {f.name: f for f in filters}
     known.update(extra or {})
-    where: list[str] = []
-    errors: list[tuple[str, str]] = []
-    for name, raw in query.items():
-        try:
-            if name not in known:
-                raise FieldError("is not a known query parameter")
-            args.append(known[name].parse(raw))
-            where.append(known[name].condition.format(len(args)))
-        except FieldError as exc:
-            errors.append((f"/query/{name[:50]}", str(exc)))
+    where, errors = parse_filters(query, known, args)
     if errors:
         raise invalid(errors)
     return where

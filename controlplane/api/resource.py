@@ -7,7 +7,7 @@ Every read is filtered by the caller's subtree, so an object outside it answers 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,31 @@ class Filter:
     parse: Callable[[str], Any]
     schema: dict[str, Any]
     description: str = ""
+
+
+def parse_filters(query: Mapping[str, str], known: Mapping[str, Filter],
+                  args: list[Any]) -> tuple[list[str], list[tuple[str, str]]]:
+    """SQL conditions for the filters `query` names, their values appended to `args`, and
+    the errors (pointer, detail) of unknown parameters and bad values. A period whose
+    `since` is not before its `until` is an error: an empty answer would read as "nothing
+    happened then"."""
+    where: list[str] = []
+    errors: list[tuple[str, str]] = []
+    parsed: dict[str, Any] = {}
+    for name, raw in query.items():
+        try:
+            if name not in known:
+                raise FieldError("is not a known query parameter")
+            parsed[name] = known[name].parse(raw)
+            args.append(parsed[name])
+            where.append(known[name].condition.format(len(args)))
+        except FieldError as exc:
+            errors.append((f"/query/{name[:50]}", str(exc)))
+    if not errors and "since" in parsed and "until" in parsed \
+            and parsed["since"] >= parsed["until"]:
+        errors = [("/query/since", "must be before until"),
+                  ("/query/until", "must be after since")]
+    return where, errors
 
 
 def int_filter(name: str, condition: str, description: str) -> Filter:
@@ -170,27 +195,23 @@ class Resource:
     async def list(self, conn: asyncpg.Connection, p: Principal,
                    query: dict[str, str]) -> RawJson:
         args: list[Any] = [p.scope_id]
-        where: list[str] = []
         errors: list[tuple[str, str]] = []
-        known = {f.name: f for f in self.filters}
         limit, after = DEFAULT_PAGE, 0
-        for key, raw in query.items():
-            try:
-                if key == "limit":
-                    if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
-                        raise FieldError(f"must be an integer from 1 to {MAX_PAGE}")
-                    limit = int(raw)
-                elif key == "after":
-                    if not is_ascii_digits(raw) or len(raw) > 18:
-                        raise FieldError("must be the next_after value of the previous page")
-                    after = int(raw)
-                elif key in known:
-                    args.append(known[key].parse(raw))
-                    where.append(known[key].condition.format(len(args)))
-                else:
-                    raise FieldError("is not a known query parameter")
-            except FieldError as exc:
-                errors.append((f"/query/{key[:50]}", str(exc)))
+        raw = query.get("limit")
+        if raw is not None:
+            if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
+                errors.append(("/query/limit", f"must be an integer from 1 to {MAX_PAGE}"))
+            else:
+                limit = int(raw)
+        raw = query.get("after")
+        if raw is not None:
+            if not is_ascii_digits(raw) or len(raw) > 18:
+                errors.append(("/query/after", "must be the next_after value of the previous page"))
+            else:
+                after = int(raw)
+        where, bad = parse_filters({k: v for k, v in query.items() if k not in ("limit", "after")},
+                                   {f.name: f for f in self.filters}, args)
+        errors += bad
         if errors:
             raise invalid(errors)
         args += [after, limit]

@@ -19,6 +19,7 @@ import csv
 import io
 import logging
 import os
+import re
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -65,10 +66,24 @@ def csv_header() -> bytes:
     return (",".join(FIELDS) + "\r\n").encode()
 
 
+# A text cell a spreadsheet would evaluate: "=", "@", a tab or a carriage return first, or
+# "+" or "-" not followed by a plain number ("+5511..." and "-1.5" stay as they are). Caller
+# numbers come from the network, so such a cell is written with a leading apostrophe; the
+# JSON export and the API give every value as stored.
+FORMULA = re.compile(r"[=@\t\r]|[+-](?![0-9]*(\.[0-9]+)?$)")
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, str) and FORMULA.match(value):
+        return "'" + value
+    return value
+
+
 def csv_line(row: asyncpg.Record) -> bytes:
     buf = io.StringIO()
-    csv.writer(buf).writerow(["" if (v := _plain(row[name])) is None else v
-                              for name in FIELDS])
+    csv.writer(buf).writerow([_cell(_plain(row[name])) for name in FIELDS])
     return buf.getvalue().encode()
 
 
@@ -209,10 +224,10 @@ async def _write_file(conn: asyncpg.Connection, folder: Path, target: Path,
                       due: asyncpg.Record) -> int:
     """Write `target` with the CDRs `due` holds; returns how many. Written to a temporary
     name and renamed, so a reader never sees half a file."""
-    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(folder.mkdir, mode=FOLDER_MODE, parents=True, exist_ok=True)
     partial = folder / f".{target.name}.partial"
     count = 0
-    fh = await asyncio.to_thread(partial.open, "wb")
+    fh = await asyncio.to_thread(_create, partial)
     try:
         await asyncio.to_thread(fh.write, csv_header())
         cursor = await conn.cursor(FILE_SQL, due["period_start"], due["period_end"],
@@ -227,6 +242,15 @@ async def _write_file(conn: asyncpg.Connection, folder: Path, target: Path,
     await asyncio.to_thread(os.replace, partial, target)
     await asyncio.to_thread(_sync_folder, folder)
     return count
+
+
+# The files hold callers' numbers: readable by the owner and its group (a billing system's
+# account in it), not by every user of the machine.
+FILE_MODE, FOLDER_MODE = 0o640, 0o750
+
+
+def _create(path: Path) -> Any:
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb")
 
 
 def _sync_folder(folder: Path) -> None:

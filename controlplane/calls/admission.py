@@ -27,7 +27,6 @@ from controlplane.calls import credit
 from controlplane.calls.batching import Batcher
 from controlplane.rating.cache import RateCache
 from controlplane.rating.classify import (
-    FREE_CLASSES,
     PERMISSION_FLAGS,
     CallClass,
     Classification,
@@ -297,8 +296,7 @@ class Admission:
     async def _outbound(self, conn: asyncpg.Connection, req: CallRequest, parties: Parties,
                         party: asyncpg.Record) -> Decision:
         c = classify(req.dialled, party["area_code"])
-        if c.call_class == CallClass.INVALID or c.e164 is None and \
-                c.call_class not in FREE_CLASSES:
+        if c.call_class == CallClass.INVALID:
             raise Refused(404, "number_invalid")
         flags = {flag: party[flag] for flag in set(PERMISSION_FLAGS.values())}
         if not permitted(c, flags):
@@ -306,12 +304,12 @@ class Admission:
         if party["carrier_id"] is None:  # the caller's node is the request's (checked)
             raise Refused(503, "no_carrier")
         rate = None
-        if c.call_class not in FREE_CLASSES:
+        if c.rated_as is not None:  # None: the caller pays nothing
             rate = await self._rate(conn, party, c)
-        number = (c.e164 or c.dialled).lstrip("+")
+        number = (c.e164 or c.digits).lstrip("+")
         target = f"{party['carrier_prefix']}{number}@carrier-{party['carrier_id']}"
         return await self._admit(conn, req, parties, party, "outbound", caller=party["number"],
-                                 callee=c.e164 or c.dialled, target=target,
+                                 callee=c.e164 or c.digits, target=target,
                                  call_class=str(c.call_class), rate=rate,
                                  carrier_id=party["carrier_id"])
 
@@ -322,7 +320,7 @@ class Admission:
             table, version = party["intl_rate_table"], party["intl_rates_version"]
         if table is None:
             raise Refused(403, "no_rate_table")
-        rate = await self.rates.find(conn, table, version, c.e164 or "", str(c.call_class))
+        rate = await self.rates.find(conn, table, version, c.rated_as or "", str(c.call_class))
         if rate is None:
             raise Refused(403, "no_rate")
         return rate

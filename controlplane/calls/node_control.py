@@ -12,7 +12,9 @@
   calls of any node whose lease lapsed are released (sweep).
 - The node's CDR file is imported continuously: each line stores a CDR and settles its call.
 - Carrier trunks are pushed to the node through ARI (endpoint, aor, identify).
-- Hang-up requests from the API arrive by NOTIFY and become AMI Hangup.
+- Hang-up requests from the API arrive by NOTIFY and become AMI Hangup; those no agent
+  heard, or that failed, are found with the calls (`hangup_requested_at`) and asked again
+  at every lease renewal until the call ends.
 
 Each of these loops outlives any error of one of its turns (`surviving`): an expected one
 (the database, AMI or ARI away) is logged in a line, anything else with its traceback, and
@@ -57,6 +59,9 @@ UNSEEN_UNLIMITED = 300.0
 # A call admitted this recently may be missing from a listing taken just before: it keeps
 # its lease when the node is seen again.
 LISTING_LAG = 10.0
+# A hang-up asked through the API this long ago whose call is still there is asked of the
+# node again, at every lease renewal (its NOTIFY may have reached no agent).
+HANGUP_AGAIN = 2.0
 UNEXPECTED_PAUSE = 1.0  # seconds a loop rests after an error nobody foresaw, before going on
 
 
@@ -334,6 +339,10 @@ class CallControl:
                             if unseen_since is not None:  # seen again: vouched-for calls
                                 await store.end_vouching(conn, self.node_id, live,  # gone
                                                          LISTING_LAG)
+                            # hang-ups asked while no agent heard (or AMI failed) again
+                            for channel in await store.hangups_asked(conn, self.node_id,
+                                                                     HANGUP_AGAIN):
+                                self.hangups.put_nowait({"channel_name": channel})
                         unseen_since = None
                     else:
                         unseen_since = unseen_since or time.monotonic()

@@ -135,11 +135,31 @@ class Classification:
 
     dialled: str
     call_class: CallClass
-    e164: str | None = None      # '+5511987654321'; None for short codes
+    e164: str | None = None      # '+5511987654321'; None for short codes, collect calls
     country: str | None = None   # callee's country code
     area: str | None = None      # callee's DDD (Brazil)
     carrier: str | None = None   # CSP dialled, if any
     reason: str = ""             # why invalid, or what a special number is
+
+    @property
+    def digits(self) -> str:
+        """What was dialled, without separators: what a carrier is sent when there is no
+        E.164 form (a short service code, a collect call)."""
+        return _SEPARATORS.sub("", self.dialled)
+
+    @property
+    def rated_as(self) -> str | None:
+        """The number rate tables price the call by: its E.164 form, or +55 and the code
+        for a short service code (102, 1058, 10315); None when the caller pays nothing
+        (toll free, emergency, a collect call, which its callee pays) or for an invalid
+        number."""
+        if self.call_class in FREE_CLASSES or self.call_class == CallClass.INVALID:
+            return None
+        if self.e164 is not None:
+            return self.e164
+        if self.call_class == CallClass.SPECIAL and len(self.digits) <= 5:
+            return f"+{BRAZIL}{self.digits}"
+        return None
 
     @property
     def needs_carrier(self) -> bool:
@@ -155,6 +175,7 @@ class Classification:
         out = asdict(self)
         out["call_class"] = str(self.call_class)
         out["needs_carrier"] = self.needs_carrier
+        out["rated_as"] = self.rated_as
         return out
 
 
@@ -205,6 +226,9 @@ def _brazilian(dialled: str, d: str, caller_area: str) -> Classification:
         return _national(dialled, caller_area, d, None, caller_area)
     if len(d) in (10, 11):
         return _national(dialled, d[:2], d[2:], None, caller_area)
+    if len(d) in (12, 13) and d.startswith(BRAZIL) and d[2:4] in AREA_CODES:
+        # 55 + DDD + number: E.164 without its "+" (trunks, click-to-dial, CRMs)
+        return _brazil_e164(dialled, d[2:], caller_area, None)
     return _invalid(dialled, "a Brazilian number has 8 or 9 digits, or 10 or 11 with the"
                              " area code, or starts with 0 or 00")
 
@@ -216,7 +240,7 @@ def _short_code(dialled: str, d: str) -> Classification | None:
         return Classification(dialled, CallClass.TOLLFREE, reason="public utility number")
     if len(d) == 3 and d[0] == "1":
         return Classification(dialled, CallClass.SPECIAL, reason="public utility service")
-    if len(d) == 5 and d.startswith("10"):
+    if len(d) in (4, 5) and d.startswith("10"):  # 10xy, 103xy
         return Classification(dialled, CallClass.SPECIAL, reason="carrier service code")
     return None
 

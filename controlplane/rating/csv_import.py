@@ -71,7 +71,7 @@ class CsvRejected(Exception):
     'must be a decimal number'); `total` counts them all, `errors` holds the first ones."""
 
     def __init__(self, errors: list[tuple[str, str]], total: int) -> None:
-        super().__init__(f"{total} errors")
+        super().__init__(f"{total} error{'s' if total > 1 else ''}")
         self.errors = errors
         self.total = total
 
@@ -136,7 +136,7 @@ def _header(lines: list[str],
     if number == 0:
         errors.add("/line/1", "the file is empty: the first line must name the columns")
         return None
-    hint = lines[number - 1].strip().lower()
+    hint = lines[number - 1].rstrip("\r\n").lower()  # "sep=\t": the tab is the point
     named = hint[4:] if hint.startswith("sep=") and len(hint) == 5 else ""
     if named:
         number += 1

@@ -229,6 +229,14 @@ async def end_vouching(conn: asyncpg.Connection, node_id: int, channels: list[st
     return int(status.split()[-1])
 
 
+async def hangups_asked(conn: asyncpg.Connection, node_id: int, before: float) -> list[str]:
+    """Channels of the node's calls the API was asked to hang up at least `before` seconds
+    ago and that have not ended yet (migration 0020)."""
+    return [r["channel_name"] for r in await conn.fetch(
+        "SELECT channel_name FROM calls WHERE node_id = $1 AND channel_name <> ''"
+        " AND hangup_requested_at < now() - make_interval(secs => $2)", node_id, before)]
+
+
 async def expired(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
     """Calls whose lease lapsed, locked for this transaction (others skip them)."""
     return await conn.fetch("SELECT * FROM calls WHERE lease_until < now()"

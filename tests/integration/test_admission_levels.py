@@ -228,3 +228,26 @@ async def test_a_settled_calls_cdr_carries_its_tenants_external_reference(
     other = api.ok(await api.get(f"/api/v1/cdrs?tenant_id={neighbour['id']}"))["items"]
     assert [(i["call_id"], i["external_ref"]) for i in other] == [
         (str(decisions[1].call_id), "")]
+
+
+async def test_service_codes_are_routed_and_priced_and_collect_calls_cost_the_caller_nothing(
+        api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    admission = Admission(db)
+    service = await admission.decide(request(node_id, exts[0], 0, dialled="1058"))
+    # priced as +55 and the code (the table's "55" rate), sent to the carrier as dialled
+    assert (service.admitted, service.grant) == (True, 60)
+    assert service.target.startswith("1058@carrier-")
+    row = await db.fetchrow("SELECT callee, call_class, rate->>'prefix' AS prefix, reserved"
+                            " FROM calls WHERE id = $1", service.call_id)
+    assert (row["callee"], row["call_class"], row["prefix"], row["reserved"]) == (
+        "1058", "special", "55", Decimal("6.0000"))
+    collect = await admission.decide(request(node_id, exts[1], 1, dialled="9015 11 32345678"))
+    assert (collect.admitted, collect.grant) == (True, None)
+    assert collect.target.startswith("901511" "32345678@carrier-")
+    assert await db.fetchval("SELECT reserved FROM calls WHERE id = $1",
+                             collect.call_id) == Decimal(0)
+    # a service code is still a national call: without the permission, refused
+    api.ok(await api.patch(f"/api/v1/extensions/{exts[2]['id']}", {"allow_national": False}))
+    refused = await admission.decide(request(node_id, exts[2], 2, dialled="102"))
+    assert (refused.sip_code, refused.reason) == (403, "class_forbidden_special")

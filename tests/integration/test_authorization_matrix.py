@@ -171,9 +171,10 @@ async def _fill(op: Api, h: Holdings, slot: int, node: int) -> None:
         path = await conn.fetchval("SELECT path FROM dealers WHERE id = $1", h.dealer)
         h.call = str(uuid.uuid4())
         await conn.execute(
-            "INSERT INTO calls (id, node_id, channel, direction, extension_id, tenant_id,"
-            " dealer_path, caller, callee, call_class, lease_until) VALUES ($1, $2, $3,"
-            " 'internal', $4, $5, $6, '1000', '1001', 'internal', now() + interval '1 day')",
+            "INSERT INTO calls (id, node_id, channel, channel_name, direction, extension_id,"
+            " tenant_id, dealer_path, caller, callee, call_class, lease_until) VALUES ($1, $2,"
+            " $3, 'PJSIP/' || $3, 'internal', $4, $5, $6, '1000', '1001', 'internal',"
+            " now() + interval '1 day')",
             uuid.UUID(h.call), node, f"matrix-{slot}", h.extension, h.tenant, path)
         h.cdr = await conn.fetchval(
             "INSERT INTO cdrs (node_id, uniqueid, tenant_id, extension_id, dealer_path,"

@@ -33,6 +33,9 @@ KNOWN = [
     ("04122999998888", "21", VC2, "+5522999998888", "22", "41"),
     ("+5519987654321", "11", VC2, "+5519987654321", "19", None),
     ("19987654321", "11", VC2, "+5519987654321", "19", None),
+    # 55 + DDD + number: E.164 without its "+", as trunks and click-to-dial send it
+    ("5511998765432", "11", VC1, "+5511998765432", "11", None),
+    (" 551132345678", "21", N, "+551132345678", "11", None),
     # VC3: a different first digit
     ("02121987654321", "11", VC3, "+5521987654321", "21", "21"),
     ("01485999887766", "11", VC3, "+5585999887766", "85", "14"),
@@ -73,6 +76,7 @@ KNOWN = [
     ("4003-1234", "21", SPECIAL, "+5540031234", None, None),
     ("102", "11", SPECIAL, None, None, None),
     ("10315", "11", SPECIAL, None, None, None),
+    ("1058", "11", SPECIAL, None, None, None),
     ("909032345678", "11", SPECIAL, None, None, None),
     # invalid: area codes that do not exist, bad lengths, bad characters
     ("02120987654321", "11", BAD, None, None, None),
@@ -166,3 +170,19 @@ def test_permissions_follow_the_class(dialled, allowed):
     closed = dict.fromkeys(flags, False)
     assert permitted(classify("190", "11"), closed)
     assert permitted(classify("08001234567", "11"), closed)
+
+
+@pytest.mark.parametrize(("dialled", "rated_as", "digits"), [
+    ("102", "+55102", "102"),            # a short service code: priced as +55 and the code
+    ("1058", "+551058", "1058"),
+    ("103 15", "+5510315", "10315"),
+    ("909032345678", None, "909032345678"),  # a collect call: its callee pays
+    ("0800 123 4567", None, "08001234567"),  # toll free
+    ("190", None, "190"),
+    ("32345678", "+551132345678", "32345678"),
+    ("12", None, "12"),                   # invalid: never priced
+])
+def test_what_rate_tables_price_a_call_by(dialled, rated_as, digits):
+    c = classify(dialled, "11")
+    assert (c.rated_as, c.digits) == (rated_as, digits)
+    assert c.as_dict()["rated_as"] == rated_as

@@ -51,6 +51,14 @@ def test_excel_separator_line_and_unnamed_trailing_columns():
     assert errors == [("/line/3", "has 7 fields where the header has 8")]
 
 
+def test_an_excel_separator_line_naming_a_tab():
+    data = ("sep=\t\r\n" + HEADER.replace(";", "\t") + "\r\n"
+            + "55\tBrasil fixo\t0,05\t0\t30\t6\t3\r\n").encode()
+    [row] = parse_rates(data)
+    assert (row.line, row.prefix, row.description, row.price_per_minute) == (
+        3, "55", "Brasil fixo", D("0.05"))
+
+
 def test_every_bad_line_is_reported_with_line_and_column():
     data = (HEADER + "\n"
             "55;ok;0,05;0;30;6;3\n"

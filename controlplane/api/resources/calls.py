@@ -9,7 +9,7 @@ import uuid
 from aiohttp import web
 
 from controlplane.api.keys import POOL
-from controlplane.api.problems import not_found
+from controlplane.api.problems import conflict, not_found
 from controlplane.api.querying import call_filters, params, scoped_items
 from controlplane.api.resource import json_response, principal_of
 from controlplane.api.routes import RouteTable
@@ -52,11 +52,15 @@ async def hang_up(request: web.Request) -> web.Response:
     p = principal_of(request)
     key = call_id(request)
     async with request.app[POOL].acquire() as conn, conn.transaction():
-        row = await conn.fetchrow("SELECT c.node_id, c.channel_name, c.dealer_path FROM calls c"
-                                  " WHERE c.id = $2 AND c.dealer_path @> ARRAY[$1]::bigint[]",
-                                  p.scope_id, key)
+        # kept with the call (migration 0020): an agent away now hangs it up when back
+        row = await conn.fetchrow(
+            "UPDATE calls c SET hangup_requested_at = coalesce(c.hangup_requested_at, now())"
+            " WHERE c.id = $2 AND c.dealer_path @> ARRAY[$1]::bigint[]"
+            " RETURNING c.node_id, c.channel_name, c.dealer_path", p.scope_id, key)
         if row is None:
             raise not_found("call")
+        if not row["channel_name"]:
+            raise conflict("the call's channel on its node is not known: it cannot be hung up")
         await conn.execute("SELECT pg_notify($1, $2)", HANGUP_CHANNEL, json.dumps(
             {"node_id": row["node_id"], "channel_name": row["channel_name"],
              "call_id": str(key)}))

@@ -4,6 +4,7 @@ extension."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -13,8 +14,8 @@ import asyncpg
 from aiohttp import web
 
 from controlplane.api.fields import is_ascii_digits
-from controlplane.api.keys import POOL
-from controlplane.api.problems import invalid
+from controlplane.api.keys import POOL, SETTINGS
+from controlplane.api.problems import ApiError, invalid
 from controlplane.api.querying import call_filters, conditions, params
 from controlplane.api.resource import (
     DEFAULT_PAGE,
@@ -36,6 +37,26 @@ FILTERS = (
     *call_filters("c"),
 )
 EXPORT_CHUNK = 1000
+CDR_LIST_LOCK_KEY = 7_140_019  # held shared by every statement storing CDRs (migration 0019)
+LIST_LOCK_WAIT_MS = 3000  # then 503: a transaction storing CDRs has not ended
+# An export holds a database connection for as long as its client takes to read it: at most
+# a quarter of the pool goes to exports (others answer 503 with Retry-After), and a client
+# that takes no chunk for this long is cut off.
+EXPORT_WRITE_TIMEOUT = 30.0
+EXPORT_RETRY_AFTER = "10"
+
+
+class ExportSlots:
+    """How many exports may run at once in this process."""
+
+    def __init__(self) -> None:
+        self.running = 0
+
+    def limit(self, request: web.Request) -> int:
+        return max(1, request.app[SETTINGS].db_pool_max // 4)
+
+
+SLOTS = ExportSlots()
 
 
 @dataclass(frozen=True)
@@ -91,7 +112,11 @@ async def list_cdrs(request: web.Request) -> web.Response:
     args += [after, limit + 1]
     sql = (SCOPED + "".join(f" AND {w}" for w in where)
            + f" AND c.id > ${len(args) - 1} ORDER BY c.id LIMIT ${len(args)}")
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        # every CDR id handed out so far is committed or rolled back once this is granted
+        # (migration 0019): no CDR can later appear below the page's last id
+        await conn.execute(f"SET LOCAL lock_timeout = '{LIST_LOCK_WAIT_MS}ms'")
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", CDR_LIST_LOCK_KEY)
         rows = await conn.fetch(sql, *args)
     items = [export.as_json(r) for r in rows[:limit]]
     more = len(rows) > limit
@@ -112,6 +137,20 @@ async def export_cdrs(request: web.Request) -> web.StreamResponse:
     form = FORMATS[wanted]
     where = conditions(query, FILTERS, args)
     sql = SCOPED + "".join(f" AND {w}" for w in where) + " ORDER BY c.id"
+    if SLOTS.running >= SLOTS.limit(request):
+        raise ApiError(503, "Service unavailable",
+                       f"{SLOTS.running} CDR exports are running, as many as this service"
+                       " runs at once; retry later", kind="exports-busy",
+                       headers={"Retry-After": EXPORT_RETRY_AFTER})
+    SLOTS.running += 1
+    try:
+        return await _export(request, form, sql, args)
+    finally:
+        SLOTS.running -= 1
+
+
+async def _export(request: web.Request, form: ExportFormat, sql: str,
+                  args: list[object]) -> web.StreamResponse:
     async with request.app[POOL].acquire() as conn, conn.transaction():
         # the first rows before the status: a query that fails answers with an error
         cursor = await conn.cursor(sql, *args)
@@ -122,15 +161,21 @@ async def export_cdrs(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         sent = 0
         try:
-            await response.write(form.head)
+            await _write(response, form.head)
             while rows:
-                await response.write((form.separator if sent else b"")
-                                     + form.separator.join(map(form.item, rows)))
+                await _write(response, (form.separator if sent else b"")
+                             + form.separator.join(map(form.item, rows)))
                 sent += len(rows)
                 rows = await cursor.fetch(EXPORT_CHUNK)
-            await response.write(form.tail)
+            await _write(response, form.tail)
         except ConnectionError:
             raise  # the client left
+        except ClientStalled:
+            log.warning("CDR export cut off after %d CDRs: the client read nothing for %.0f s",
+                        sent, EXPORT_WRITE_TIMEOUT)
+            if request.transport is not None:
+                request.transport.abort()  # what it has not read is dropped, not waited on
+            return response
         except Exception:
             log.exception("CDR export broken off after %d CDRs", sent)
             # The success status is sent: only a cut connection, with no end of the body,
@@ -138,8 +183,25 @@ async def export_cdrs(request: web.Request) -> web.StreamResponse:
             if request.transport is not None:
                 request.transport.close()
             return response
-    await response.write_eof()
+    try:
+        async with asyncio.timeout(EXPORT_WRITE_TIMEOUT):
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
     return response
+
+
+class ClientStalled(Exception):
+    pass
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        async with asyncio.timeout(EXPORT_WRITE_TIMEOUT):
+            await response.write(data)
+    except TimeoutError as exc:
+        raise ClientStalled from exc
 
 
 def register(routes: RouteTable) -> None:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from controlplane.api import fields as F
 from controlplane.api.keys import POOL
+from controlplane.api.problems import conflict
 from controlplane.api.resource import (
     Resource,
     json_response,
@@ -55,14 +56,21 @@ LOCK_SQL = {
 }
 
 
+def floor_of(row: asyncpg.Record) -> Decimal:
+    """How low the balance may go: 0 prepaid, minus the credit limit postpaid."""
+    return -row["credit_limit"] if row["billing_mode"] == "postpaid" else Decimal(0)
+
+
+def available(row: asyncpg.Record) -> Decimal:
+    return row["balance"] - row["reserved"] - floor_of(row)
+
+
 def present(kind: str, key: int, row: asyncpg.Record) -> dict[str, Any]:
-    floor = -row["credit_limit"] if row["billing_mode"] == "postpaid" else Decimal(0)
-    available = row["balance"] - row["reserved"] - floor
     paid_by = "tenant" if kind == "extension" and row["shared_credit"] else kind
     return {"id": key, "balance": str(row["balance"]), "reserved": str(row["reserved"]),
-            "available": str(max(available, Decimal(0))), "billing_mode": row["billing_mode"],
-            "credit_limit": str(row["credit_limit"]), "floor": str(floor),
-            "calls_paid_by": paid_by}
+            "available": str(max(available(row), Decimal(0))),
+            "billing_mode": row["billing_mode"], "credit_limit": str(row["credit_limit"]),
+            "floor": str(floor_of(row)), "calls_paid_by": paid_by}
 
 
 def _owner(kind: str) -> Resource:
@@ -84,7 +92,15 @@ def handlers(kind: str) -> tuple[Any, Any]:
             owner = await _owner(kind).require(conn, p, key)
             await conn.execute(ENSURE_SQL[kind], key)
             account = await conn.fetchval(LOCK_SQL[kind], key)
-            before = present(kind, key, await conn.fetchrow(ACCOUNT_SQL[kind], key))
+            row = await conn.fetchrow(ACCOUNT_SQL[kind], key)
+            if data["amount"] < 0 and \
+                    row["balance"] + data["amount"] - row["reserved"] < floor_of(row):
+                # calls in progress hold `reserved`; a debit must leave it to them
+                raise conflict(
+                    f"a debit of {-data['amount']} would take the balance below its floor"
+                    f" ({floor_of(row)}); at most {max(Decimal(0), available(row))} can be"
+                    " debited now (calls in progress hold the reserved credit)", "/amount")
+            before = present(kind, key, row)
             balance = await conn.fetchval(
                 "UPDATE credit_accounts SET balance = balance + $2, updated_at = now()"
                 " WHERE id = $1 RETURNING balance", account, data["amount"])

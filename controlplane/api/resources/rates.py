@@ -36,7 +36,6 @@ from controlplane.rating.classify import (
     COUNTRY_CODES,
     FREE_CLASSES,
     PERMISSION_FLAGS,
-    CallClass,
     Classification,
     classify,
 )
@@ -181,7 +180,8 @@ async def _parse_csv(data: bytes) -> list[csv_import.RateRow]:
         shown = len(exc.errors)
         more = f" (the first {shown} are listed)" if shown < exc.total else ""
         raise ApiError(422, "Invalid request",
-                       f"the file has {exc.total} errors{more}; nothing was imported",
+                       f"the file has {exc.total} error{'s' if exc.total > 1 else ''}{more};"
+                       " nothing was imported",
                        kind="validation",
                        errors=[{"pointer": f"#{p}", "detail": d} for p, d in exc.errors]
                        ) from exc
@@ -283,8 +283,8 @@ async def quote(request: web.Request) -> web.Response:
     rate = None
     async with request.app[POOL].acquire() as conn:
         table = await RATE_TABLES.require(conn, p, key)
-        if c.e164 is not None and c.call_class not in FREE_CLASSES | {CallClass.INVALID}:
-            rate = await store.find_rate(conn, key, c.e164, str(c.call_class))
+        if c.rated_as is not None:
+            rate = await store.find_rate(conn, key, c.rated_as, str(c.call_class))
     return json_response({
         "classification": c.as_dict(), "permission": PERMISSION_FLAGS.get(c.call_class),
         "rate": None if rate is None else rate_json(rate), "seconds": seconds,
@@ -313,7 +313,8 @@ _QUOTE = {"type": "object", "properties": {
     "currency": {"type": "string"}}}
 IMPORT_HELP = ("CSV with the header prefix, description, price_per_minute, connection_fee,"
                " first_increment, next_increment, free_seconds (optionally call_class),"
-               " delimited by ';' or ',', decimals with a point or a comma, UTF-8. Every row"
+               " delimited by ';', ',' or a tab (or as a first line `sep=;` names),"
+               " decimals with a point or a comma (quoted when ',' delimits), UTF-8. Every row"
                f" is checked first: any error rejects the whole file (each is listed as"
                f" /line/<n>/<column>). At most {csv_import.MAX_BYTES // 2**20} MB and"
                f" {csv_import.MAX_ROWS} rates. mode=replace (default) makes the file the whole"
