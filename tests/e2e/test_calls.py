@@ -636,6 +636,42 @@ async def test_api_hangs_up_a_call_in_progress(calls):
         < 0.03
 
 
+async def test_a_hangup_asked_while_no_agent_listens_is_carried_out_when_it_returns(calls):
+    """The NOTIFY of a hang-up reaches no agent while it is away; the request stays with the
+    call, and the agent, back, hangs the call up at its first lease renewal."""
+    world = await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    await calls.carrier(0)
+    ext, phone = await calls.phone(tenant, registrar, "8002", plan_id=world["plan"]["id"])
+    await calls.settle()
+    carrier = carrier_uas(1, 30)
+    call = asyncio.create_task(place(phone, "33334444", scenario="uac_until_cut.xml",
+                                     timeout=30))
+
+    async def answered() -> bool:
+        items = await calls.live(extension_id=ext["id"])
+        return bool(items) and items[0]["state"] == "answered"
+
+    await until(answered, "the call to be answered")
+    [item] = await calls.live(extension_id=ext["id"])
+    await calls.stop_agent(0)
+    assert (await calls.api.delete(f"/api/v1/calls/{item['id']}")).status == 202
+    await asyncio.sleep(2.0)
+    assert not call.done()  # nobody told the node: the call goes on
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await calls.start_agent(0)
+    assert (await call).ok, call.result().output  # the callee side got its BYE
+    assert loop.time() - started < 12
+    await carrier
+
+    async def billed() -> bool:
+        return bool(await calls.cdrs(extension_id=ext["id"]))
+
+    await until(billed, "the CDR")
+    assert not await calls.live(extension_id=ext["id"])
+
+
 async def _answered_outbound_call(calls, number: str, dialled: str, hold_ms: int,
                                   timeout: float) -> tuple[dict, dict, Any, Any]:
     """With 2 s leases: a phone's outbound call through the carrier, once it is answered.
