@@ -112,6 +112,7 @@ from bench.services import (  # noqa: E402
     start_postgres,
     stop_services,
 )
+from controlplane.asterisk.fastagi import node_token  # noqa: E402
 from controlplane.eventloop import run_loop  # noqa: E402
 
 BENCH = ROOT / "bench"
@@ -903,6 +904,11 @@ class _AgiClientExchange(asyncio.Protocol):
             self.done.set_result((time.perf_counter(), self.variables))
 
 
+def admit_script(ami_secret: str) -> str:
+    """The FastAGI script of an admission, as the node's dialplan asks for it."""
+    return f"{node_token(ami_secret, NODE_NAME)}/admit"
+
+
 class AgiClient:
     """Speaks FastAGI as Asterisk does: environment, blank line, then answers each command."""
 
@@ -1016,9 +1022,9 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
         chan = f"PJSIP/{caller.code}-{i:08x}"
         start = time.time()
         try:
-            took, v = await client.request("admit", [str(tenant), direction, dialled,
-                                                     caller.code], chan, uniqueid,
-                                           caller.number)
+            took, v = await client.request(admit_script(stack.node.ami_secret),
+                                           [str(tenant), direction, dialled, caller.code],
+                                           chan, uniqueid, caller.number)
             run.admit.append(took)
             if v.get("PBX_DECISION") != "admit":
                 why = v.get("PBX_REASON") or v.get("PBX_DECISION") or "no decision"
@@ -1132,7 +1138,7 @@ async def c_client_run(stack: Stack, world: World, args: argparse.Namespace, agi
     proc = await asyncio.create_subprocess_exec(
         str(binary), str(agi_port), str(run.rate), str(run.seconds), str(args.hold), NODE_NAME,
         stamp, str(world.carrier), str(calls_file), str(node.cdr_file), node.address,
-        str(node.ami_port), node.ami_user, node.ami_secret,
+        str(node.ami_port), node.ami_user, node.ami_secret, admit_script(node.ami_secret),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     cpu0 = stack.cpu_sample(client=proc.pid)
     cpu1: dict[str, Any] | None = None

@@ -13,7 +13,8 @@
  *   Asterisk writes it (asterisk-conf/cdr_custom.conf); refused: append its FAILED line now.
  *
  * Usage: agi_load PORT RATE SECONDS HOLD NODE STAMP CARRIER CALLS_FILE CDR_FILE
- *                 AMI_HOST AMI_PORT AMI_USER AMI_SECRET
+ *                 AMI_HOST AMI_PORT AMI_USER AMI_SECRET SCRIPT
+ * SCRIPT: the FastAGI script path, "<the node's token>/admit" (controlplane's node_token).
  * CALLS_FILE: one call per line, cycled through: "code number tenant direction dialled".
  * Prints "paced SENT SECONDS CPU_SECONDS" when the last call was placed (the caller samples
  * CPU then; CPU_SECONDS: this process's own so far),
@@ -56,7 +57,7 @@ static struct caller callers[MAX_CALLERS];
 static int n_callers;
 static FILE *cdr;
 static int ami_fd = -1;
-static const char *node, *stamp, *carrier;
+static const char *node, *stamp, *carrier, *script;
 static double hold;
 
 static double mono(void) {
@@ -178,8 +179,8 @@ static char *env_of(int index, int port, char *out, size_t size) {
     const struct caller *c = &callers[index % n_callers];
     char uniqueid[96]; uniqueid_of(index, uniqueid, sizeof uniqueid);
     snprintf(out, size,
-             "agi_network: yes\nagi_network_script: admit\n"
-             "agi_request: agi://127.0.0.1:%d/admit\nagi_channel: PJSIP/%s-%08x\n"
+             "agi_network: yes\nagi_network_script: %s\n"
+             "agi_request: agi://127.0.0.1:%d/%s\nagi_channel: PJSIP/%s-%08x\n"
              "agi_language: en\nagi_type: PJSIP\nagi_uniqueid: %s\n"
              "agi_version: 22.0.0\nagi_callerid: %s\nagi_calleridname: Caller\n"
              "agi_callingpres: 0\nagi_callingani2: 0\nagi_callington: 0\nagi_callingtns: 0\n"
@@ -187,17 +188,18 @@ static char *env_of(int index, int port, char *out, size_t size) {
              "agi_extension: s\nagi_priority: 10\nagi_enhanced: 0.0\nagi_accountcode: \n"
              "agi_threadid: 140000000000000\n"
              "agi_arg_1: %s\nagi_arg_2: %s\nagi_arg_3: %s\nagi_arg_4: %s\n\n",
-             port, c->code, (unsigned)index, uniqueid, c->number, c->tenant, c->direction,
+             script, port, script, c->code, (unsigned)index, uniqueid, c->number, c->tenant, c->direction,
              c->dialled, c->code);
     return out;
 }
 
 int main(int argc, char **argv) {
-    if (argc != 14) {
+    if (argc != 15) {
         fprintf(stderr, "usage: agi_load PORT RATE SECONDS HOLD NODE STAMP CARRIER CALLS_FILE "
-                        "CDR_FILE AMI_HOST AMI_PORT AMI_USER AMI_SECRET\n");
+                        "CDR_FILE AMI_HOST AMI_PORT AMI_USER AMI_SECRET SCRIPT\n");
         return 2;
     }
+    script = argv[14];
     int port = atoi(argv[1]);
     double rate = atof(argv[2]), seconds = atof(argv[3]);
     hold = atof(argv[4]); node = argv[5]; stamp = argv[6]; carrier = argv[7];

@@ -10,8 +10,12 @@ within `read_timeout`. A call never waits on a stuck peer longer than that.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import hmac
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
@@ -21,6 +25,7 @@ log = logging.getLogger(__name__)
 MAX_HEADER_LINES = 200
 MAX_REQUEST = 64 * 1024  # bytes a peer may send unanswered
 BACKLOG = 1024
+REFUSAL_LOG_EVERY = 60.0  # seconds between warnings of requests without the token
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,15 @@ Abandoned = Callable[[AgiRequest, "asyncio.Task[Mapping[str, str]]"], None]
 
 def cancel(request: AgiRequest, task: asyncio.Task[Mapping[str, str]]) -> None:
     task.cancel()
+
+
+def node_token(secret: str, node: str) -> str:
+    """The path a node's FastAGI requests start with (`agi://host:port/<token>/admit`): only
+    what can read the node's AMI secret can have the agent decide (reserve credit, take
+    call slots, mark calls answered). Stable across restarts of the agent; a new AMI secret
+    gives a new one."""
+    return hmac.new(secret.encode(), f"pbx-fastagi:{node}".encode(),
+                    hashlib.sha256).hexdigest()[:32]
 
 
 class AgiProtocolError(Exception):
@@ -176,8 +190,12 @@ class _Exchange(asyncio.Protocol):
 class FastAgiServer:
     def __init__(self, routes: Mapping[str, Handler], *, on_timeout: Fallback,
                  on_abandoned: Abandoned = cancel, handler_timeout: float = 1.0,
-                 read_timeout: float = 2.0) -> None:
+                 read_timeout: float = 2.0, token: str = "") -> None:
         self.routes = dict(routes)
+        # with a token, a script is "<token>/<route>"; a request without it is not answered
+        self.token = token
+        self.refused = 0
+        self._refusal_logged = float("-inf")
         self.on_timeout, self.on_abandoned = on_timeout, on_abandoned
         self.handler_timeout, self.read_timeout = handler_timeout, read_timeout
         self.server: asyncio.Server | None = None
@@ -210,7 +228,9 @@ class FastAgiServer:
         try:
             async with asyncio.timeout(self.read_timeout):
                 env = parse_environment(await exchange.read_until(b"\n\n"))
-            request = parse_request(env)
+            request = self._authorised(parse_request(env))
+            if request is None:
+                return
             answer = await self._answer(request)
             await self._set_variables(exchange, answer)
             self.served += 1
@@ -221,6 +241,23 @@ class FastAgiServer:
             log.warning("FastAGI request failed: %r", exc)
         finally:
             exchange.close()
+
+    def _authorised(self, request: AgiRequest) -> AgiRequest | None:
+        """The request with its route as script, or None (logged, at most once a minute)
+        when it lacks the token: nothing is answered and nothing decided."""
+        if not self.token:
+            return request
+        token, sep, route = request.script.partition("/")
+        if sep and hmac.compare_digest(token.encode(), self.token.encode()):
+            return dataclasses.replace(request, script=route)
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
+            self._refusal_logged = now
+            log.warning("FastAGI: %d requests without this node's token refused so far"
+                        " (the node's PBX_AGI is out of date, or someone else connects)",
+                        self.refused)
+        return None
 
     async def _answer(self, request: AgiRequest) -> Mapping[str, str]:
         handler = self.routes.get(request.script)

@@ -103,14 +103,15 @@ def carrier_fingerprint(carrier: Mapping[str, Any]) -> str:
 
 class CallControl:
     def __init__(self, pool: asyncpg.Pool, node_id: int, node_name: str, ami: AmiSession,
-                 ari: AriClient, dsn: str, config: CallControlConfig) -> None:
+                 ari: AriClient, dsn: str, config: CallControlConfig,
+                 agi_token: str = "") -> None:
         self.pool, self.node_id, self.node_name = pool, node_id, node_name
         self.ami, self.ari, self.dsn, self.config = ami, ari, dsn, config
         self.admission = Admission(pool, lease=config.lease, ahead=config.ahead)
         self.agi = FastAgiServer({"admit": self._admit, "answer": self._answer},
                                  on_timeout=self._on_timeout,
                                  on_abandoned=self._on_abandoned,
-                                 handler_timeout=config.decision_timeout)
+                                 handler_timeout=config.decision_timeout, token=agi_token)
         self.agi_url = ""
         self.carriers_dirty = asyncio.Event()
         self.hangups: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -121,8 +122,10 @@ class CallControl:
     # -- life ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         port = await self.agi.start(self.config.agi_host, self.config.agi_port)
-        self.agi_url = f"agi://{self.config.agi_advertise or self.config.agi_host}:{port}"
-        log.info("node %s: FastAGI admission at %s", self.node_name, self.agi_url)
+        where = f"agi://{self.config.agi_advertise or self.config.agi_host}:{port}"
+        # the node's dialplan calls ${PBX_AGI}/admit: the token goes with the address
+        self.agi_url = f"{where}/{self.agi.token}" if self.agi.token else where
+        log.info("node %s: FastAGI admission at %s", self.node_name, where)
         self.ami.on_event("UserEvent", self._on_user_event)
         self.ami.on_login(self._after_login)
         if self.ami.connected.is_set():

@@ -24,6 +24,7 @@ import asyncpg
 
 from controlplane.asterisk.ami import AmiSession, AmiUnavailable
 from controlplane.asterisk.ari import AriClient, AriError
+from controlplane.asterisk.fastagi import node_token
 from controlplane.calls.node_control import CallControl, CallControlConfig
 from controlplane.db.listen import listen_forever
 from controlplane.provisioning import desired
@@ -108,7 +109,8 @@ class NodeAgent:
         self.registrations = RegistrationTracker(pool, node.id, self.ami)
         # Call control shares the node's AMI and ARI links (one login, one resync).
         self.calls = CallControl(pool, node.id, node.name, self.ami, self.ari, dsn,
-                                 calls or CallControlConfig())
+                                 calls or CallControlConfig(),
+                                 agi_token=node_token(node.ami_secret, node.name))
         self.applied = 0
         self.reconciles = 0
         self.idle = asyncio.Event()

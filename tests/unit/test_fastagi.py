@@ -223,3 +223,32 @@ async def test_a_refused_acknowledgement_of_the_last_command_is_not_served():
     finally:
         await server.close()
     assert commands == ['SET VARIABLE PBX_DECISION "admit"'] and server.served == 0
+
+
+async def test_with_a_token_only_requests_carrying_it_are_decided(caplog):
+    from controlplane.asterisk.fastagi import node_token
+
+    seen = []
+
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        seen.append(req.script)
+        return {"PBX_DECISION": "admit"}
+
+    token = node_token("ami-secret-123456", "n1")
+    assert token == node_token("ami-secret-123456", "n1") != node_token("other-secret", "n1")
+    assert token != node_token("ami-secret-123456", "n2") and len(token) == 32
+    server, port = await serve(admit, token=token)
+    try:
+        good, _ = await ask(port, f"{token}/admit")
+        # no token, a wrong one, the right one on a route that does not exist
+        for script in ("admit", f"{'0' * 32}/admit", f"{token[:-1]}x/admit", "/admit"):
+            assert (await ask(port, script))[0] == []
+        assert (await ask(port, f"{token}/nothing"))[0] == []
+    finally:
+        await server.close()
+    assert good == ["SET VARIABLE PBX_DECISION \"admit\""]
+    assert seen == ["admit"]  # the handler sees the route, never the token
+    assert server.refused == 4
+    refusals = [r for r in caplog.records if "without this node's token" in r.getMessage()]
+    assert len(refusals) == 1  # at most one warning a minute, counting the others
+    assert all(token not in r.getMessage() for r in caplog.records)
