@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env(**overrides)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # panoramisk logs the actions pending when an AMI link drops, with their values (a
+    # login's secret, the FastAGI token in PBX_AGI): only its warnings and errors are kept
+    logging.getLogger("panoramisk").setLevel(max(logging.WARNING,
+                                                 logging.getLogger().getEffectiveLevel()))
     try:
         check_loop(settings.event_loop)
     except ValueError as exc:

@@ -192,8 +192,12 @@ class FastAgiServer:
                  on_abandoned: Abandoned = cancel, handler_timeout: float = 1.0,
                  read_timeout: float = 2.0, token: str = "") -> None:
         self.routes = dict(routes)
-        # with a token, a script is "<token>/<route>"; a request without it is not answered
+        # with a token, a script is "<token>/<route>"; a request without it is not answered,
+        # once the node was given the token (`token_given`): until then, a node still
+        # dialling what an agent of an earlier release or with another AMI secret set is
+        # answered (an upgrade must not refuse calls while the AMI link comes up)
         self.token = token
+        self.token_given = False
         self.refused = 0
         self._refusal_logged = float("-inf")
         self.on_timeout, self.on_abandoned = on_timeout, on_abandoned
@@ -250,6 +254,8 @@ class FastAgiServer:
         token, sep, route = request.script.partition("/")
         if sep and hmac.compare_digest(token.encode(), self.token.encode()):
             return dataclasses.replace(request, script=route)
+        if not self.token_given and not sep:
+            return request
         self.refused += 1
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG_EVERY:

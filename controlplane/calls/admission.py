@@ -33,6 +33,7 @@ from controlplane.rating.classify import (
     classify,
     permitted,
 )
+from controlplane.rating.store import rate_of
 from controlplane.rating.tariff import Rate
 from controlplane.store import calls as store
 
@@ -320,7 +321,8 @@ class Admission:
             table, version = party["intl_rate_table"], party["intl_rates_version"]
         if table is None:
             raise Refused(403, "no_rate_table")
-        rate = await self.rates.find(conn, table, version, c.rated_as or "", str(c.call_class))
+        rate = await rate_of(c, lambda number: self.rates.find(conn, table, version, number,
+                                                               str(c.call_class)))
         if rate is None:
             raise Refused(403, "no_rate")
         return rate

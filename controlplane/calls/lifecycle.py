@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -79,7 +80,9 @@ async def _floor(conn: asyncpg.Connection, call: asyncpg.Record) -> Decimal:
 
 
 def bill(call: asyncpg.Record | dict[str, Any], talk: float) -> tuple[int, Decimal]:
-    """(billed seconds, price) of a call that talked `talk` seconds."""
+    """(billed seconds, price) of a call that talked `talk` seconds, to the millisecond the
+    CDR shows (`talk_seconds`): a CDR reading 6.000 s is billed as 6 s, not 6.0004 s."""
+    talk = round(talk, 3)
     rate = rate_from_json(call["rate"])
     if rate is None:
         return 0, Decimal(0)
@@ -282,7 +285,14 @@ async def _settle_lines(conn: asyncpg.Connection, node_id: int, lines: list[CdrL
     calls = await store.calls_by_id(conn, [x.call_id for x in lines if x.call_id])
     pending = [(line, calls.get(line.call_id) if line.call_id else None) for line in lines]
     # A device that did not answer a call another one answered: its line, read before the
-    # answered one, would settle the call unanswered; the answered line settles it.
+    # answered one, would settle the call unanswered; the answered line settles it. The line
+    # is kept with the call: if no answered line ever comes, the call's release settles it
+    # from this one (migration 0021, _release).
+    unanswered = [line for line, call in pending if call is not None
+                  and line.answered_at is None and call["answered_at"] is not None]
+    if unanswered:
+        await store.note_unanswered(conn, [(x.call_id, cdr_file.line_json(x))
+                                           for x in unanswered])
     pending = [(line, call) for line, call in pending
                if call is None or line.answered_at is not None or call["answered_at"] is None]
     for _ in range(SETTLE_TRIES):
@@ -365,6 +375,17 @@ async def recount_counters(pool: asyncpg.Pool, timeout: float) -> int:
 async def _release(conn: asyncpg.Connection, call: asyncpg.Record) -> None:
     now = datetime.now(UTC)
     talk = 0.0
+    if call["node_unanswered"] is not None:
+        # the node said it ended unanswered, and said nothing else of it: its own line
+        kept = call["node_unanswered"]
+        line = cdr_file.line_from_json(kept if isinstance(kept, dict) else json.loads(kept))
+        billed, price = bill(call, talk)
+        await store.settle_call(conn, call["id"], call["granted_seconds"], price,
+                                _cdr_values(call["node_id"], call, line, talk, billed, price),
+                                lapsed_only=True)
+        log.warning("call %s on node %s: released as its node's CDR says, unanswered",
+                    call["id"], call["node_id"])
+        return
     if call["answered_at"] is not None:
         end = min(now, call["granted_until"] or now)
         talk = max(0.0, (end - call["answered_at"]).total_seconds())

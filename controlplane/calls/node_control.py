@@ -158,9 +158,13 @@ class CallControl:
 
     async def _after_login(self) -> None:
         """The node's dialplan finds admission through globals: set them on every login."""
+        given = True
         for name, value in (("PBX_AGI", self.agi_url),
                             ("PBX_ADMISSION_FAIL", self.config.fail_policy)):
-            await self.ami.action({"Action": "Setvar", "Variable": name, "Value": value})
+            reply = await self.ami.action({"Action": "Setvar", "Variable": name, "Value": value})
+            given = given and isinstance(reply, Mapping) and reply.get("Response") == "Success"
+        if given:  # from now on, requests without the token are refused
+            self.agi.token_given = True
         self.carriers_dirty.set()
         self._in_background(self.resync_answers())
 
@@ -344,7 +348,7 @@ class CallControl:
                                                          LISTING_LAG)
                             # hang-ups asked while no agent heard (or AMI failed) again
                             for channel in await store.hangups_asked(conn, self.node_id,
-                                                                     HANGUP_AGAIN):
+                                                                     HANGUP_AGAIN, live):
                                 self.hangups.put_nowait({"channel_name": channel})
                         unseen_since = None
                     else:

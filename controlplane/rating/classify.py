@@ -150,7 +150,7 @@ class Classification:
     @property
     def rated_as(self) -> str | None:
         """The number rate tables price the call by: its E.164 form, or +55 and the code
-        for a short service code (102, 1058, 10315); None when the caller pays nothing
+        for a short service code (102, 10315: see `exact_rate`); None when the caller pays nothing
         (toll free, emergency, a collect call, which its callee pays) or for an invalid
         number."""
         if self.call_class in FREE_CLASSES or self.call_class == CallClass.INVALID:
@@ -160,6 +160,12 @@ class Classification:
         if self.call_class == CallClass.SPECIAL and len(self.digits) <= 5:
             return f"+{BRAZIL}{self.digits}"
         return None
+
+    @property
+    def exact_rate(self) -> bool:
+        """Rated by a rate of exactly its `rated_as` prefix, else by the country's: a short
+        service code's +55 and code would otherwise match area codes' rates (156: 5515)."""
+        return self.e164 is None and self.rated_as is not None
 
     @property
     def needs_carrier(self) -> bool:
@@ -240,7 +246,7 @@ def _short_code(dialled: str, d: str) -> Classification | None:
         return Classification(dialled, CallClass.TOLLFREE, reason="public utility number")
     if len(d) == 3 and d[0] == "1":
         return Classification(dialled, CallClass.SPECIAL, reason="public utility service")
-    if len(d) in (4, 5) and d.startswith("10"):  # 10xy, 103xy
+    if len(d) == 5 and d.startswith("10"):  # 103 + carrier code
         return Classification(dialled, CallClass.SPECIAL, reason="carrier service code")
     return None
 

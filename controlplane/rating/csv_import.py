@@ -136,7 +136,7 @@ def _header(lines: list[str],
     if number == 0:
         errors.add("/line/1", "the file is empty: the first line must name the columns")
         return None
-    hint = lines[number - 1].rstrip("\r\n").lower()  # "sep=\t": the tab is the point
+    hint = lines[number - 1].rstrip("\r\n").strip(" ").lower()  # "sep=\t": keep the tab
     named = hint[4:] if hint.startswith("sep=") and len(hint) == 5 else ""
     if named:
         number += 1

@@ -7,11 +7,12 @@ as on a 10-row one, where a `LIKE` or a scan would grow with the table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 
+from controlplane.rating.classify import BRAZIL, Classification
 from controlplane.rating.csv_import import RateRow
 from controlplane.rating.tariff import Rate
 
@@ -24,6 +25,21 @@ FIND_SQL = (f"{SELECT_RATES} WHERE rate_table_id = $1 AND prefix = ANY ($2::text
             " ORDER BY length(prefix) DESC, call_class NULLS LAST LIMIT 1")
 # Writing 200,000 rows takes longer than the pool's per-statement default.
 BULK_TIMEOUT = 120.0
+
+Finder = Callable[[str], Awaitable[Rate | None]]
+
+
+async def rate_of(c: Classification, find: Finder) -> Rate | None:
+    """The rate a classified call is billed at, `find` giving the longest-prefix match of a
+    number (None: the caller pays nothing, or no rate matches). A short service code is
+    billed by a rate of exactly its `rated_as` prefix, else by the country's own: its +55
+    and code would otherwise take an area code's rate (156: 5515)."""
+    if c.rated_as is None:
+        return None
+    rate = await find(c.rated_as)
+    if c.exact_rate and (rate is None or rate.prefix != c.rated_as.lstrip("+")):
+        rate = await find(f"+{BRAZIL}")
+    return rate
 
 
 @dataclass(frozen=True)

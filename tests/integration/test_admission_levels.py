@@ -234,14 +234,14 @@ async def test_service_codes_are_routed_and_priced_and_collect_calls_cost_the_ca
         api: Api, db: asyncpg.Pool):
     node_id, _, exts = await setup(api)
     admission = Admission(db)
-    service = await admission.decide(request(node_id, exts[0], 0, dialled="1058"))
+    service = await admission.decide(request(node_id, exts[0], 0, dialled="10315"))
     # priced as +55 and the code (the table's "55" rate), sent to the carrier as dialled
     assert (service.admitted, service.grant) == (True, 60)
-    assert service.target.startswith("1058@carrier-")
+    assert service.target.startswith("10315@carrier-")
     row = await db.fetchrow("SELECT callee, call_class, rate->>'prefix' AS prefix, reserved"
                             " FROM calls WHERE id = $1", service.call_id)
     assert (row["callee"], row["call_class"], row["prefix"], row["reserved"]) == (
-        "1058", "special", "55", Decimal("6.0000"))
+        "10315", "special", "55", Decimal("6.0000"))
     collect = await admission.decide(request(node_id, exts[1], 1, dialled="9015 11 32345678"))
     assert (collect.admitted, collect.grant) == (True, None)
     assert collect.target.startswith("901511" "32345678@carrier-")
@@ -251,3 +251,63 @@ async def test_service_codes_are_routed_and_priced_and_collect_calls_cost_the_ca
     api.ok(await api.patch(f"/api/v1/extensions/{exts[2]['id']}", {"allow_national": False}))
     refused = await admission.decide(request(node_id, exts[2], 2, dialled="102"))
     assert (refused.sip_code, refused.reason) == (403, "class_forbidden_special")
+
+
+async def test_a_calls_only_node_line_saying_unanswered_settles_it_unbilled_at_its_release(
+        api: Api, db: asyncpg.Pool):
+    """The callee answered (the node raised the answer) but the caller left before the
+    bridge: its one CDR line says NO ANSWER. It is kept with the call until the lease
+    lapses, and the release settles the call from it, instead of billing up to the grant."""
+    node_id, _, exts = await setup(api, credit="10.00")
+    admission = Admission(db)
+    req = request(node_id, exts[0], 0)
+    decision = await admission.decide(req)
+    assert await admission.answer(decision.call_id, "PJSIP/carrier-1") == decision.grant
+    line = cdr_line(decision, req, 0.0)
+    async with db.acquire() as conn:
+        # read before an answered line another device could still write: nothing settled yet
+        assert await lifecycle.finish(conn, node_id, line) is False
+        kept = await conn.fetchval("SELECT node_unanswered FROM calls WHERE id = $1",
+                                   decision.call_id)
+        assert kept["uniqueid"] == line.uniqueid and kept["disposition"] == "NO ANSWER"
+        # the channel is gone from the node: its lease is not renewed, 40 s pass
+        await conn.execute("UPDATE calls SET lease_until = now() - interval '1 s',"
+                           " answered_at = answered_at - interval '40 s',"
+                           " granted_until = granted_until - interval '40 s'")
+    assert await lifecycle.sweep(db) == 1
+    cdr = await db.fetchrow("SELECT uniqueid, disposition, talk_seconds, billed_seconds, price"
+                            " FROM cdrs WHERE call_id = $1", decision.call_id)
+    assert tuple(cdr) == (line.uniqueid, "NO ANSWER", Decimal("0.000"), 0, Decimal("0.0000"))
+    account = await db.fetchrow("SELECT balance, reserved FROM credit_accounts"
+                                " WHERE extension_id = $1", exts[0]["id"])
+    assert tuple(account) == (Decimal("10.0000"), Decimal("0.0000"))
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+
+
+async def test_a_forked_calls_unanswered_line_first_then_its_answered_line_bills_the_talk(
+        api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api, credit="10.00")
+    admission = Admission(db)
+    req = request(node_id, exts[0], 0)
+    decision = await admission.decide(req)
+    await admission.answer(decision.call_id, "PJSIP/dev-1")
+    async with db.acquire() as conn:
+        assert await lifecycle.finish(conn, node_id, cdr_line(decision, req, 0.0)) is False
+        answered = cdr_line(decision, req, 30.0, sequence=1)
+        assert await lifecycle.finish(conn, node_id, answered) is True
+    cdr = await db.fetchrow("SELECT disposition, billed_seconds, price FROM cdrs"
+                            " WHERE call_id = $1", decision.call_id)
+    assert tuple(cdr) == ("ANSWERED", 30, Decimal("3.0000"))
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+
+
+def test_a_cdr_showing_whole_increments_is_billed_for_them():
+    rate = {"prefix": "55", "price_per_minute": "6.00", "connection_fee": "0",
+            "first_increment": 6, "next_increment": 6, "free_seconds": 3, "description": "",
+            "call_class": None, "id": 1}
+    call = {"rate": rate, "granted_seconds": None}
+    # the node's microsecond times: 6.0004 s shows as 6.000 in the CDR, and bills as that
+    assert lifecycle.bill(call, 6.0004) == (6, Decimal("0.6000"))
+    assert lifecycle.bill(call, 2.9996) == (6, Decimal("0.6000"))  # shows 3.000: not free
+    assert lifecycle.bill(call, 2.9994) == (0, Decimal("0"))
+    assert lifecycle.bill(call, 6.0006) == (12, Decimal("1.2000"))

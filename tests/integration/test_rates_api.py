@@ -281,3 +281,28 @@ async def test_lookup_stays_on_the_index_with_100000_rates(api, db):
         assert "rates_prefix_key" in plan and "Seq Scan" not in plan, plan
         assert Decimal((await find_rate(conn, t["id"], "+5510000000")).price_per_minute) \
             == Decimal("0.10")
+
+
+async def test_a_service_code_takes_a_rate_of_exactly_its_code_or_the_countrys(api):
+    t = await rate_table(api)
+    api.ok(await upload(api, t["id"], (
+        "prefix;description;price_per_minute;connection_fee;first_increment;next_increment;"
+        "free_seconds;call_class\n"
+        "55;Brasil;0,10;0;30;6;3;\n"
+        "55;Servicos;0,50;0;60;60;0;special\n"
+        "5511;Sao Paulo fixo;0,05;0;30;6;3;\n"
+        "5515;Sorocaba fixo;0,06;0;30;6;3;\n"
+        "55102;Auxilio a lista;1,00;0;60;60;0;special\n")))
+    directory = api.ok(await quote(api, t["id"], "102"))
+    assert directory["classification"]["rated_as"] == "+55102"
+    assert directory["rate"]["prefix"] == "55102" and directory["price"] == "1.0000"
+    # +55156 would match Sorocaba's 5515, +55115 Sao Paulo's 5511: the country's instead
+    for code in ("156", "115", "10315"):
+        shown = api.ok(await quote(api, t["id"], code))
+        assert shown["classification"]["call_class"] == "special", code
+        assert (shown["rate"]["prefix"], shown["rate"]["call_class"]) == ("55", "special"), code
+    # an E.164 number still takes its longest prefix
+    assert api.ok(await quote(api, t["id"], "1532345678"))["rate"]["prefix"] == "5515"
+    # a collect call costs its caller nothing: no rate
+    collect = api.ok(await quote(api, t["id"], "9015 15 32345678"))
+    assert (collect["classification"]["rated_as"], collect["rate"]) == (None, None)

@@ -76,7 +76,8 @@ KNOWN = [
     ("4003-1234", "21", SPECIAL, "+5540031234", None, None),
     ("102", "11", SPECIAL, None, None, None),
     ("10315", "11", SPECIAL, None, None, None),
-    ("1058", "11", SPECIAL, None, None, None),
+    # four digits from 10 stay invalid: extension numbers such as 1001 must not reach a carrier
+    ("1058", "11", BAD, None, None, None),
     ("909032345678", "11", SPECIAL, None, None, None),
     # invalid: area codes that do not exist, bad lengths, bad characters
     ("02120987654321", "11", BAD, None, None, None),
@@ -174,7 +175,6 @@ def test_permissions_follow_the_class(dialled, allowed):
 
 @pytest.mark.parametrize(("dialled", "rated_as", "digits"), [
     ("102", "+55102", "102"),            # a short service code: priced as +55 and the code
-    ("1058", "+551058", "1058"),
     ("103 15", "+5510315", "10315"),
     ("909032345678", None, "909032345678"),  # a collect call: its callee pays
     ("0800 123 4567", None, "08001234567"),  # toll free

@@ -39,6 +39,7 @@ FILTERS = (
 EXPORT_CHUNK = 1000
 CDR_LIST_LOCK_KEY = 7_140_019  # held shared by every statement storing CDRs (migration 0019)
 LIST_LOCK_WAIT_MS = 3000  # then 503: a transaction storing CDRs has not ended
+LAST_ID_SQL = "SELECT last_value FROM cdrs_id_seq"  # the last id handed out (cache 1)
 # An export holds a database connection for as long as its client takes to read it: at most
 # a quarter of the pool goes to exports (others answer 503 with Retry-After), and a client
 # that takes no chunk for this long is cut off.
@@ -111,13 +112,17 @@ async def list_cdrs(request: web.Request) -> web.Response:
     where = conditions(query, FILTERS, args)
     args += [after, limit + 1]
     sql = (SCOPED + "".join(f" AND {w}" for w in where)
-           + f" AND c.id > ${len(args) - 1} ORDER BY c.id LIMIT ${len(args)}")
-    async with request.app[POOL].acquire() as conn, conn.transaction():
-        # every CDR id handed out so far is committed or rolled back once this is granted
-        # (migration 0019): no CDR can later appear below the page's last id
-        await conn.execute(f"SET LOCAL lock_timeout = '{LIST_LOCK_WAIT_MS}ms'")
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", CDR_LIST_LOCK_KEY)
-        rows = await conn.fetch(sql, *args)
+           + f" AND c.id > ${len(args) - 1} AND c.id <= ${len(args) + 1}"
+           f" ORDER BY c.id LIMIT ${len(args)}")
+    async with request.app[POOL].acquire() as conn:
+        async with conn.transaction():
+            # Once this is granted, every CDR id handed out so far is committed or rolled
+            # back (migration 0019): the page stops at the last of them, so no CDR can
+            # appear below its last id later. Held for a moment, not for the page's query.
+            await conn.execute(f"SET LOCAL lock_timeout = '{LIST_LOCK_WAIT_MS}ms'")
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", CDR_LIST_LOCK_KEY)
+            final = await conn.fetchval(LAST_ID_SQL)
+        rows = await conn.fetch(sql, *args, final)
     items = [export.as_json(r) for r in rows[:limit]]
     more = len(rows) > limit
     return json_response({"items": items, "next_after": items[-1]["id"] if more else None})

@@ -283,8 +283,8 @@ async def quote(request: web.Request) -> web.Response:
     rate = None
     async with request.app[POOL].acquire() as conn:
         table = await RATE_TABLES.require(conn, p, key)
-        if c.rated_as is not None:
-            rate = await store.find_rate(conn, key, c.rated_as, str(c.call_class))
+        rate = await store.rate_of(
+            c, lambda number: store.find_rate(conn, key, number, str(c.call_class)))
     return json_response({
         "classification": c.as_dict(), "permission": PERMISSION_FLAGS.get(c.call_class),
         "rate": None if rate is None else rate_json(rate), "seconds": seconds,

@@ -3,9 +3,10 @@
 -- transaction commits, so a CDR committed after a page was read could have a lower id than
 -- that page's last one and never be listed (two agents settling calls at the same moment).
 -- Every statement that stores CDRs holds this lock shared until its transaction ends; the
--- list takes it exclusively for a moment before it reads (CDR_LIST_LOCK_KEY in
--- controlplane/api/resources/cdrs.py), so every id handed out before then belongs to a
--- transaction that has ended, and every id handed out after is higher.
+-- list takes it exclusively for a moment, in a transaction of its own, and reads the last
+-- id handed out (CDR_LIST_LOCK_KEY in controlplane/api/resources/cdrs.py): every id up to
+-- it belongs to a transaction that has ended, every id handed out later is higher, and the
+-- page stops there.
 CREATE FUNCTION cdrs_storing() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(7140019);
