@@ -597,15 +597,17 @@ async def test_calls_follow_the_fail_policy_while_the_database_is_unreachable(ca
     assert all(n == 0 for n in (await calls.counters()).values())
 
 
-async def test_api_hangs_up_a_call_in_progress(calls):
+async def _call_until_cut(calls, number: str, timeout: float) -> tuple[dict, dict, Any, Any]:
+    """A phone's outbound call that talks until it is hung up, once it is answered: the
+    extension, the call as the API lists it, and the SIPp caller and carrier tasks."""
     world = await calls.customer()
     tenant, registrar = world["tenants"][0]
     await calls.carrier(0)
-    ext, phone = await calls.phone(tenant, registrar, "8001", plan_id=world["plan"]["id"])
+    ext, phone = await calls.phone(tenant, registrar, number, plan_id=world["plan"]["id"])
     await calls.settle()
     carrier = carrier_uas(1, 30)
     call = asyncio.create_task(place(phone, "33334444", scenario="uac_until_cut.xml",
-                                     timeout=20))
+                                     timeout=timeout))
 
     async def answered() -> bool:
         items = await calls.live(extension_id=ext["id"])
@@ -613,6 +615,11 @@ async def test_api_hangs_up_a_call_in_progress(calls):
 
     await until(answered, "the call to be answered")
     [item] = await calls.live(extension_id=ext["id"])
+    return ext, item, call, carrier
+
+
+async def test_api_hangs_up_a_call_in_progress(calls):
+    ext, item, call, carrier = await _call_until_cut(calls, "8001", 20)
     reply = await calls.api.delete(f"/api/v1/calls/{item['id']}")
     assert reply.status == 202
     assert (await call).ok, call.result().output
@@ -639,21 +646,7 @@ async def test_api_hangs_up_a_call_in_progress(calls):
 async def test_a_hangup_asked_while_no_agent_listens_is_carried_out_when_it_returns(calls):
     """The NOTIFY of a hang-up reaches no agent while it is away; the request stays with the
     call, and the agent, back, hangs the call up at its first lease renewal."""
-    world = await calls.customer()
-    tenant, registrar = world["tenants"][0]
-    await calls.carrier(0)
-    ext, phone = await calls.phone(tenant, registrar, "8002", plan_id=world["plan"]["id"])
-    await calls.settle()
-    carrier = carrier_uas(1, 30)
-    call = asyncio.create_task(place(phone, "33334444", scenario="uac_until_cut.xml",
-                                     timeout=30))
-
-    async def answered() -> bool:
-        items = await calls.live(extension_id=ext["id"])
-        return bool(items) and items[0]["state"] == "answered"
-
-    await until(answered, "the call to be answered")
-    [item] = await calls.live(extension_id=ext["id"])
+    ext, item, call, carrier = await _call_until_cut(calls, "8002", 30)
     await calls.stop_agent(0)
     assert (await calls.api.delete(f"/api/v1/calls/{item['id']}")).status == 202
     await asyncio.sleep(2.0)
