@@ -50,13 +50,21 @@ def call_filters(alias: str) -> tuple[Filter, ...]:
     )
 
 
+# what scoped_items answers
+CAPPED_LIST = {"type": "object", "properties": {
+    "items": {"type": "array", "items": {"type": "object"}},
+    "truncated": {"type": "boolean", "description": "more matched than the list holds: filter"}}}
+
+
 async def scoped_items(request: web.Request, scoped_sql: str, filters: Iterable[Filter],
                        order_by: str, limit: int) -> web.Response:
     """Every row of `scoped_sql` (whose $1 is the caller's scope) the query's filters keep,
-    at most `limit`, as {"items": [...]}."""
+    at most `limit`, as {"items": [...], "truncated": whether more rows matched}."""
     args: list[Any] = [principal_of(request).scope_id]
     where = conditions(request.query, filters, args)
-    sql = scoped_sql + "".join(f" AND {w}" for w in where) + f" ORDER BY {order_by} LIMIT {limit}"
+    sql = (scoped_sql + "".join(f" AND {w}" for w in where)
+           + f" ORDER BY {order_by} LIMIT {limit + 1}")
     async with request.app[POOL].acquire() as conn:
         rows = await conn.fetch(sql, *args)
-    return json_response({"items": [dict(r) for r in rows]})
+    return json_response({"items": [dict(r) for r in rows[:limit]],
+                          "truncated": len(rows) > limit})

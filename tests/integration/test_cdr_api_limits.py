@@ -207,3 +207,19 @@ async def test_a_hangup_no_agent_heard_is_kept_with_its_call_for_the_agent(
     nameless = await api.delete(f"/api/v1/calls/{decision.call_id}")
     assert nameless.status == 409
     assert Decimal(api.ok(await api.get(f"/api/v1/calls/{decision.call_id}"))["reserved"]) > 0
+
+
+async def test_the_live_calls_list_says_when_more_matched_than_it_holds(
+        api: Api, db: asyncpg.Pool, monkeypatch):
+    from controlplane.api.resources import calls as calls_route
+
+    node_id, _, exts = await setup(api)
+    admission = Admission(db)
+    first = await admission.decide(request(node_id, exts[0], 0))
+    await admission.decide(request(node_id, exts[1], 1))
+    whole = api.ok(await api.get("/api/v1/calls"))
+    assert (len(whole["items"]), whole["truncated"]) == (2, False)
+    monkeypatch.setattr(calls_route, "LIMIT", 1)
+    capped = api.ok(await api.get("/api/v1/calls"))
+    assert capped["truncated"] is True
+    assert [i["id"] for i in capped["items"]] == [str(first.call_id)]  # the oldest first

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from controlplane.api.keys import POOL
 from controlplane.api.problems import conflict, not_found
-from controlplane.api.querying import call_filters, params, scoped_items
+from controlplane.api.querying import CAPPED_LIST, call_filters, params, scoped_items
 from controlplane.api.resource import json_response, principal_of
 from controlplane.api.routes import RouteTable
 from controlplane.store import audit
@@ -70,11 +70,9 @@ async def hang_up(request: web.Request) -> web.Response:
 
 
 def register(routes: RouteTable) -> None:
-    items = {"type": "object", "properties": {"items": {"type": "array", "items": {
-        "type": "object"}}}}
     routes.add("GET", "/api/v1/calls", list_calls,
                f"Calls in progress in the caller's subtree (at most {LIMIT})", "calls",
-               response=items, query=params(FILTERS))
+               response=CAPPED_LIST, query=params(FILTERS))
     routes.add("GET", "/api/v1/calls/{call_id}", get_call, "One call in progress", "calls",
                response={"type": "object"})
     routes.add("DELETE", "/api/v1/calls/{call_id}", hang_up, "Hang up a call in progress",

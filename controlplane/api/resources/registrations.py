@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.api.keys import POOL
-from controlplane.api.querying import params, scoped_items
+from controlplane.api.querying import CAPPED_LIST, params, scoped_items
 from controlplane.api.resource import (
     bool_filter,
     int_filter,
@@ -62,7 +62,7 @@ def register(routes: RouteTable) -> None:
                response=item)
     routes.add("GET", "/api/v1/registrations", list_registrations,
                f"Registered extensions in the caller's subtree (at most {LIMIT})", "extensions",
-               response=item, query=params(FILTERS))
+               response=CAPPED_LIST, query=params(FILTERS))
     routes.add("GET", "/api/v1/tenants/{id}/rendered", rendered_tenant,
                "The tenant as its node sees it: dialplan and PJSIP objects (secrets masked)",
                "tenants", response_types=("text/plain",))
