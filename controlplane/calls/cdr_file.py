@@ -11,10 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
 # The columns of asterisk-conf/cdr_custom.conf, in order. Columns are only ever added at
@@ -49,23 +48,6 @@ class CdrLine:
     account_code: str
     direction: str
     hangup_cause: str = ""  # Q.850 cause of the caller's channel, e.g. "16"
-
-
-def line_json(line: CdrLine) -> dict[str, Any]:
-    """A line as JSON keeps it (see calls.node_unanswered, migration 0021)."""
-    out = asdict(line)
-    for name in ("started_at", "answered_at", "ended_at"):
-        out[name] = out[name].isoformat() if out[name] is not None else None
-    out["call_id"] = str(line.call_id) if line.call_id is not None else None
-    return out
-
-
-def line_from_json(data: dict[str, Any]) -> CdrLine:
-    values = dict(data)
-    for name in ("started_at", "answered_at", "ended_at"):
-        values[name] = datetime.fromisoformat(values[name]) if values[name] else None
-    values["call_id"] = UUID(values["call_id"]) if values["call_id"] else None
-    return CdrLine(**values)
 
 
 class OutOfRange(ValueError):

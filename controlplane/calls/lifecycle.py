@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -178,27 +177,93 @@ async def _from_file(read: Callable[..., T], *args: Any) -> T:
                              f"{FILE_TIMEOUT:.0f} s: check the volume it is on") from None
 
 
+# A node line saying "not answered" of a call the database holds answered is held this long
+# at least, and settles the call only once the caller's channel has been seen gone from the
+# node for GONE_FOR and the file was read to its end since (see CdrImport).
+HOLD_FOR, GONE_FOR, HELD_EVERY = 5.0, 2.0, 1.0
+LiveChannels = Callable[[], Awaitable[set[str] | None]]
+
+
+@dataclass
+class HeldLine:
+    line: CdrLine
+    since: float
+    gone_at: float | None = None
+
+
 class CdrImport:
     """A node's CDR file imported as it grows, read often (`CallControlConfig.cdr_every`):
     settling a few lines at a time spreads the work instead of running it in bursts beside
     the admissions, and a look that finds the file no longer than the last import reached
-    costs a `stat`, not a query."""
+    costs a `stat`, not a query.
 
-    def __init__(self, pool: asyncpg.Pool, node_id: int, path: Path) -> None:
+    A line saying "not answered" of a call the database holds answered is, most often, a
+    device that did not pick up a call another one answered, whose line comes later. It is
+    held. The call's answered line settles the call and the held one is dropped; if none
+    comes (the caller left between the callee's answer and the bridge), the held line
+    settles the call, unanswered and unbilled, once `live_channels` (the node's channels'
+    unique ids; None: unknown) has not listed the caller's channel for GONE_FOR seconds and
+    the file was read to its end since. A held line this process loses (it restarts, or the
+    node cannot be asked) leaves the call to its lease, as before."""
+
+    def __init__(self, pool: asyncpg.Pool, node_id: int, path: Path,
+                 live_channels: LiveChannels | None = None) -> None:
         self.pool, self.node_id, self.path = pool, node_id, path
         self.reached: tuple[str, int] | None = None  # (file identity, offset) imported to
+        self.live_channels = live_channels
+        self.held: dict[UUID, HeldLine] = {}
+        self._held_looked = float("-inf")
 
     async def run(self) -> int:
         now = await _from_file(cdr_file.state, self.path)
         if now is None or now == self.reached:
+            return await self._settle_held() if now is not None else 0
+        held: list[CdrLine] = []
+        stored, self.reached = await _import(self.pool, self.node_id, self.path, held)
+        for line in held:
+            if line.call_id is not None:
+                self.held.setdefault(line.call_id, HeldLine(line, time.monotonic()))
+        return stored
+
+    async def _settle_held(self) -> int:
+        """With the file read to its end: settle the calls whose held line is the last word
+        (see the class)."""
+        clock = time.monotonic()
+        if not self.held or self.live_channels is None or clock - self._held_looked < HELD_EVERY:
             return 0
-        stored, self.reached = await _import(self.pool, self.node_id, self.path)
+        self._held_looked = clock
+        async with self.pool.acquire() as conn:
+            calls = await store.calls_by_id(conn, list(self.held))
+        for gone in set(self.held) - set(calls):  # settled by their answered lines
+            del self.held[gone]
+        live = await self.live_channels()
+        if live is None:
+            return 0
+        stored = 0
+        for call_id, held in list(self.held.items()):
+            if held.line.uniqueid in live or clock - held.since < HOLD_FOR:
+                held.gone_at = None
+            elif held.gone_at is None:
+                held.gone_at = clock
+            elif clock - held.gone_at >= GONE_FOR:
+                async with self.pool.acquire() as conn:
+                    [(outcome, new)] = await store.settle_calls(
+                        conn, [_settlement(self.node_id, held.line, calls[call_id])])
+                if outcome == "stale":  # its grant moved meanwhile: read it again next time
+                    continue
+                del self.held[call_id]
+                if new:
+                    stored += 1
+                    log.warning("node %s: call %s settled unanswered from its node's CDR: the"
+                                " callee answered but the caller left before they were"
+                                " connected", self.node_id, call_id)
         return stored
 
 
-async def _import(pool: asyncpg.Pool, node_id: int, path: Path
-                  ) -> tuple[int, tuple[str, int] | None]:
-    """import_file, and (file identity, offset) the import reached."""
+async def _import(pool: asyncpg.Pool, node_id: int, path: Path,
+                  held: list[CdrLine] | None = None) -> tuple[int, tuple[str, int] | None]:
+    """import_file, and (file identity, offset) the import reached; `held`: see
+    _settle_lines."""
     now = await _from_file(cdr_file.state, path)
     if now is None:
         return 0, None
@@ -227,7 +292,8 @@ async def _import(pool: asyncpg.Pool, node_id: int, path: Path
                 seen.add(line.call_id)
         for group in (first, later):
             for at in range(0, len(group), SETTLE_BATCH):
-                stored += await _settle_batch(conn, node_id, group[at:at + SETTLE_BATCH])
+                stored += await _settle_batch(conn, node_id, group[at:at + SETTLE_BATCH],
+                                              held)
         await store.save_position(conn, node_id, ident, new_offset)
     return stored, (ident, new_offset)
 
@@ -248,12 +314,13 @@ async def _parse(node_id: int, texts: list[str]) -> list[CdrLine]:
     return lines
 
 
-async def _settle_batch(conn: asyncpg.Connection, node_id: int, lines: list[CdrLine]) -> int:
+async def _settle_batch(conn: asyncpg.Connection, node_id: int, lines: list[CdrLine],
+                        held: list[CdrLine] | None = None) -> int:
     """_settle_lines, committed without waiting for the disk; a batch the database refuses
     for one line's values is settled a line at a time, and that line alone is skipped, so
     that one bad record never stops its node's import."""
     try:
-        return await _settle_lines(conn, node_id, lines, wait_for_disk=False)
+        return await _settle_lines(conn, node_id, lines, wait_for_disk=False, held=held)
     except asyncpg.DataError as exc:
         if len(lines) == 1:
             log.error("node %s: CDR line of channel %s (sequence %s) skipped, the database "
@@ -262,7 +329,7 @@ async def _settle_batch(conn: asyncpg.Connection, node_id: int, lines: list[CdrL
             return 0
     stored = 0
     for line in lines:
-        stored += await _settle_batch(conn, node_id, [line])
+        stored += await _settle_batch(conn, node_id, [line], held)
     return stored
 
 
@@ -277,7 +344,7 @@ def _settlement(node_id: int, line: CdrLine, call: asyncpg.Record | None) -> dic
 
 
 async def _settle_lines(conn: asyncpg.Connection, node_id: int, lines: list[CdrLine], *,
-                        wait_for_disk: bool = True) -> int:
+                        wait_for_disk: bool = True, held: list[CdrLine] | None = None) -> int:
     """Settle lines of distinct calls in one statement; those whose grant moved since their
     call was read are read and priced again. Returns the CDRs stored. `wait_for_disk`:
     commit synchronously (False: the caller makes them durable later, see _import)."""
@@ -285,14 +352,11 @@ async def _settle_lines(conn: asyncpg.Connection, node_id: int, lines: list[CdrL
     calls = await store.calls_by_id(conn, [x.call_id for x in lines if x.call_id])
     pending = [(line, calls.get(line.call_id) if line.call_id else None) for line in lines]
     # A device that did not answer a call another one answered: its line, read before the
-    # answered one, would settle the call unanswered; the answered line settles it. The line
-    # is kept with the call: if no answered line ever comes, the call's release settles it
-    # from this one (migration 0021, _release).
-    unanswered = [line for line, call in pending if call is not None
-                  and line.answered_at is None and call["answered_at"] is not None]
-    if unanswered:
-        await store.note_unanswered(conn, [(x.call_id, cdr_file.line_json(x))
-                                           for x in unanswered])
+    # answered one, would settle the call unanswered; the answered line settles it. `held`
+    # gets such lines (CdrImport settles from one if no answered line ever comes).
+    if held is not None:
+        held += [line for line, call in pending if call is not None
+                 and line.answered_at is None and call["answered_at"] is not None]
     pending = [(line, call) for line, call in pending
                if call is None or line.answered_at is not None or call["answered_at"] is None]
     for _ in range(SETTLE_TRIES):
@@ -375,17 +439,6 @@ async def recount_counters(pool: asyncpg.Pool, timeout: float) -> int:
 async def _release(conn: asyncpg.Connection, call: asyncpg.Record) -> None:
     now = datetime.now(UTC)
     talk = 0.0
-    if call["node_unanswered"] is not None:
-        # the node said it ended unanswered, and said nothing else of it: its own line
-        kept = call["node_unanswered"]
-        line = cdr_file.line_from_json(kept if isinstance(kept, dict) else json.loads(kept))
-        billed, price = bill(call, talk)
-        await store.settle_call(conn, call["id"], call["granted_seconds"], price,
-                                _cdr_values(call["node_id"], call, line, talk, billed, price),
-                                lapsed_only=True)
-        log.warning("call %s on node %s: released as its node's CDR says, unanswered",
-                    call["id"], call["node_id"])
-        return
     if call["answered_at"] is not None:
         end = min(now, call["granted_until"] or now)
         talk = max(0.0, (end - call["answered_at"]).total_seconds())

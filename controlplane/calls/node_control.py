@@ -165,6 +165,10 @@ class CallControl:
             given = given and isinstance(reply, Mapping) and reply.get("Response") == "Success"
         if given:  # from now on, requests without the token are refused
             self.agi.token_given = True
+        else:
+            log.warning("node %s: the node refused Setvar of PBX_AGI or PBX_ADMISSION_FAIL"
+                        " (does the AMI user have the 'call' write permission?): FastAGI"
+                        " requests without the token are still answered", self.node_name)
         self.carriers_dirty.set()
         self._in_background(self.resync_answers())
 
@@ -371,6 +375,10 @@ class CallControl:
             log.warning("node %s: channels not listed (%s)", self.node_name, describe(exc))
             return None
 
+    async def _live_channels(self) -> set[str] | None:
+        listed = await self._listed_channels()
+        return set(listed) if listed is not None else None
+
     async def _vouch_unseen(self, unseen_for: float) -> None:
         """The AMI link is down but the node may well be up, its calls talking: they keep
         their slots, and are billed from the node's CDRs, until they must have ended."""
@@ -382,7 +390,8 @@ class CallControl:
     # -- CDRs -----------------------------------------------------------------------------
     async def _cdr_loop(self, stop: asyncio.Event) -> None:
         assert self.config.cdr_file is not None
-        cdrs = lifecycle.CdrImport(self.pool, self.node_id, self.config.cdr_file)
+        cdrs = lifecycle.CdrImport(self.pool, self.node_id, self.config.cdr_file,
+                                   live_channels=self._live_channels)
         while not stop.is_set():
             async with self._surviving("CDR import", stop, DB_ERRORS):
                 self.cdrs_imported += await cdrs.run()

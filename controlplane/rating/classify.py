@@ -246,7 +246,7 @@ def _short_code(dialled: str, d: str) -> Classification | None:
         return Classification(dialled, CallClass.TOLLFREE, reason="public utility number")
     if len(d) == 3 and d[0] == "1":
         return Classification(dialled, CallClass.SPECIAL, reason="public utility service")
-    if len(d) == 5 and d.startswith("10"):  # 103 + carrier code
+    if len(d) == 5 and d.startswith("103"):  # 103 + carrier code
         return Classification(dialled, CallClass.SPECIAL, reason="carrier service code")
     return None
 

@@ -229,18 +229,6 @@ async def end_vouching(conn: asyncpg.Connection, node_id: int, channels: list[st
     return int(status.split()[-1])
 
 
-async def note_unanswered(conn: asyncpg.Connection,
-                          lines: list[tuple[UUID | None, dict[str, Any]]]) -> None:
-    """Keep each call's first node line saying it was not answered (migration 0021)."""
-    # rows locked in id order, as answers and settlements lock them
-    await conn.execute(
-        "UPDATE calls c SET node_unanswered = l.value FROM jsonb_each($1::jsonb) AS l"
-        " WHERE c.id = l.key::uuid AND c.id IN (SELECT id FROM calls WHERE id IN"
-        " (SELECT key::uuid FROM jsonb_each($1::jsonb)) AND node_unanswered IS NULL"
-        " ORDER BY id FOR UPDATE)",
-        {str(call): line for call, line in reversed(lines)})  # the first line of a call
-
-
 async def hangups_asked(conn: asyncpg.Connection, node_id: int, before: float,
                         live: list[str]) -> list[str]:
     """Channel names of the node's calls the API was asked to hang up at least `before`

@@ -253,52 +253,73 @@ async def test_service_codes_are_routed_and_priced_and_collect_calls_cost_the_ca
     assert (refused.sip_code, refused.reason) == (403, "class_forbidden_special")
 
 
-async def test_a_calls_only_node_line_saying_unanswered_settles_it_unbilled_at_its_release(
-        api: Api, db: asyncpg.Pool):
+async def _imported(cdrs: lifecycle.CdrImport, turns: int = 3) -> int:
+    stored = 0
+    for _ in range(turns):
+        stored += await cdrs.run()
+    return stored
+
+
+async def test_a_calls_only_node_line_saying_unanswered_settles_it_once_its_caller_is_gone(
+        api: Api, db: asyncpg.Pool, tmp_path, monkeypatch):
     """The callee answered (the node raised the answer) but the caller left before the
-    bridge: its one CDR line says NO ANSWER. It is kept with the call until the lease
-    lapses, and the release settles the call from it, instead of billing up to the grant."""
+    bridge: its one CDR line says NO ANSWER. Held while the caller's channel is on the node
+    or the node cannot be asked, it settles the call, unbilled, once the channel is gone
+    and the file read to its end, instead of the lease billing up to the grant."""
+    for name in ("HOLD_FOR", "GONE_FOR", "HELD_EVERY"):
+        monkeypatch.setattr(lifecycle, name, 0.0)
     node_id, _, exts = await setup(api, credit="10.00")
     admission = Admission(db)
     req = request(node_id, exts[0], 0)
     decision = await admission.decide(req)
     assert await admission.answer(decision.call_id, "PJSIP/carrier-1") == decision.grant
-    line = cdr_line(decision, req, 0.0)
-    async with db.acquire() as conn:
-        # read before an answered line another device could still write: nothing settled yet
-        assert await lifecycle.finish(conn, node_id, line) is False
-        kept = await conn.fetchval("SELECT node_unanswered FROM calls WHERE id = $1",
-                                   decision.call_id)
-        assert kept["uniqueid"] == line.uniqueid and kept["disposition"] == "NO ANSWER"
-        # the channel is gone from the node: its lease is not renewed, 40 s pass
-        await conn.execute("UPDATE calls SET lease_until = now() - interval '1 s',"
-                           " answered_at = answered_at - interval '40 s',"
-                           " granted_until = granted_until - interval '40 s'")
-    assert await lifecycle.sweep(db) == 1
+    path = tmp_path / "Master.csv"
+    path.write_text(file_line(decision, req, 0.0))
+    live: set[str] | None = {req.channel}
+
+    async def channels() -> set[str] | None:
+        return live
+
+    cdrs = lifecycle.CdrImport(db, node_id, path, live_channels=channels)
+    assert await _imported(cdrs) == 0  # the caller's channel is still there: held
+    assert list(cdrs.held) == [decision.call_id]
+    live = None  # the node cannot be asked: held still
+    assert await _imported(cdrs) == 0
+    live = set()
+    assert await _imported(cdrs) == 1
     cdr = await db.fetchrow("SELECT uniqueid, disposition, talk_seconds, billed_seconds, price"
                             " FROM cdrs WHERE call_id = $1", decision.call_id)
-    assert tuple(cdr) == (line.uniqueid, "NO ANSWER", Decimal("0.000"), 0, Decimal("0.0000"))
+    assert tuple(cdr) == (req.channel, "NO ANSWER", Decimal("0.000"), 0, Decimal("0.0000"))
     account = await db.fetchrow("SELECT balance, reserved FROM credit_accounts"
                                 " WHERE extension_id = $1", exts[0]["id"])
     assert tuple(account) == (Decimal("10.0000"), Decimal("0.0000"))
-    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0 and not cdrs.held
 
 
 async def test_a_forked_calls_unanswered_line_first_then_its_answered_line_bills_the_talk(
-        api: Api, db: asyncpg.Pool):
+        api: Api, db: asyncpg.Pool, tmp_path, monkeypatch):
+    for name in ("HOLD_FOR", "GONE_FOR", "HELD_EVERY"):
+        monkeypatch.setattr(lifecycle, name, 0.0)
     node_id, _, exts = await setup(api, credit="10.00")
     admission = Admission(db)
     req = request(node_id, exts[0], 0)
     decision = await admission.decide(req)
     await admission.answer(decision.call_id, "PJSIP/dev-1")
-    async with db.acquire() as conn:
-        assert await lifecycle.finish(conn, node_id, cdr_line(decision, req, 0.0)) is False
-        answered = cdr_line(decision, req, 30.0, sequence=1)
-        assert await lifecycle.finish(conn, node_id, answered) is True
+    path = tmp_path / "Master.csv"
+    path.write_text(file_line(decision, req, 0.0))
+
+    async def channels() -> set[str]:
+        return {req.channel}  # the call talks on, answered by another device
+
+    cdrs = lifecycle.CdrImport(db, node_id, path, live_channels=channels)
+    assert await _imported(cdrs) == 0
+    with path.open("a") as fh:
+        fh.write(file_line(decision, req, 30.0, sequence=1))
+    assert await _imported(cdrs) == 1
     cdr = await db.fetchrow("SELECT disposition, billed_seconds, price FROM cdrs"
                             " WHERE call_id = $1", decision.call_id)
     assert tuple(cdr) == ("ANSWERED", 30, Decimal("3.0000"))
-    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0 and not cdrs.held
 
 
 def test_a_cdr_showing_whole_increments_is_billed_for_them():

@@ -88,7 +88,7 @@ def cdr_import_doing(monkeypatch: pytest.MonkeyPatch,
                      work: Callable[..., Awaitable[Any]]) -> None:
     """The node's CDR import, each run of which does `work`."""
     class Import:
-        def __init__(self, *args: Any) -> None:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             self.run = work
 
     monkeypatch.setattr(lifecycle, "CdrImport", Import)

@@ -122,6 +122,10 @@ async def list_cdrs(request: web.Request) -> web.Response:
             await conn.execute(f"SET LOCAL lock_timeout = '{LIST_LOCK_WAIT_MS}ms'")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", CDR_LIST_LOCK_KEY)
             final = await conn.fetchval(LAST_ID_SQL)
+            # a transaction id, so that this commit flushes the WAL: CDRs stored without
+            # waiting for the disk are durable before a page shows them (a crash cannot take
+            # back a CDR, or an id, a client has seen)
+            await conn.execute("SELECT pg_current_xact_id()")
         rows = await conn.fetch(sql, *args, final)
     items = [export.as_json(r) for r in rows[:limit]]
     more = len(rows) > limit
