@@ -253,6 +253,21 @@ async def test_service_codes_are_routed_and_priced_and_collect_calls_cost_the_ca
     assert (refused.sip_code, refused.reason) == (403, "class_forbidden_special")
 
 
+async def _answered_call_with_unanswered_line(api: Api, db: asyncpg.Pool, path, monkeypatch,
+                                              answered_by: str):
+    """No waiting in the importer; a call admitted and answered (the node raised it), and
+    one NO ANSWER line of it in the node's CDR file at `path`."""
+    for name in ("HOLD_FOR", "GONE_FOR", "HELD_EVERY"):
+        monkeypatch.setattr(lifecycle, name, 0.0)
+    node_id, _, exts = await setup(api, credit="10.00")
+    admission = Admission(db)
+    req = request(node_id, exts[0], 0)
+    decision = await admission.decide(req)
+    assert await admission.answer(decision.call_id, answered_by) == decision.grant
+    path.write_text(file_line(decision, req, 0.0))
+    return node_id, exts, req, decision
+
+
 async def _imported(cdrs: lifecycle.CdrImport, turns: int = 3) -> int:
     stored = 0
     for _ in range(turns):
@@ -266,15 +281,9 @@ async def test_a_calls_only_node_line_saying_unanswered_settles_it_once_its_call
     bridge: its one CDR line says NO ANSWER. Held while the caller's channel is on the node
     or the node cannot be asked, it settles the call, unbilled, once the channel is gone
     and the file read to its end, instead of the lease billing up to the grant."""
-    for name in ("HOLD_FOR", "GONE_FOR", "HELD_EVERY"):
-        monkeypatch.setattr(lifecycle, name, 0.0)
-    node_id, _, exts = await setup(api, credit="10.00")
-    admission = Admission(db)
-    req = request(node_id, exts[0], 0)
-    decision = await admission.decide(req)
-    assert await admission.answer(decision.call_id, "PJSIP/carrier-1") == decision.grant
     path = tmp_path / "Master.csv"
-    path.write_text(file_line(decision, req, 0.0))
+    node_id, exts, req, decision = await _answered_call_with_unanswered_line(
+        api, db, path, monkeypatch, "PJSIP/carrier-1")
     live: set[str] | None = {req.channel}
 
     async def channels() -> set[str] | None:
@@ -298,15 +307,9 @@ async def test_a_calls_only_node_line_saying_unanswered_settles_it_once_its_call
 
 async def test_a_forked_calls_unanswered_line_first_then_its_answered_line_bills_the_talk(
         api: Api, db: asyncpg.Pool, tmp_path, monkeypatch):
-    for name in ("HOLD_FOR", "GONE_FOR", "HELD_EVERY"):
-        monkeypatch.setattr(lifecycle, name, 0.0)
-    node_id, _, exts = await setup(api, credit="10.00")
-    admission = Admission(db)
-    req = request(node_id, exts[0], 0)
-    decision = await admission.decide(req)
-    await admission.answer(decision.call_id, "PJSIP/dev-1")
     path = tmp_path / "Master.csv"
-    path.write_text(file_line(decision, req, 0.0))
+    node_id, _, req, decision = await _answered_call_with_unanswered_line(
+        api, db, path, monkeypatch, "PJSIP/dev-1")
 
     async def channels() -> set[str]:
         return {req.channel}  # the call talks on, answered by another device
