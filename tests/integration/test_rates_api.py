@@ -64,7 +64,7 @@ async def test_a_bad_csv_reports_every_bad_line_and_writes_nothing(api, db):
     audit_before = await api.count("audit_log")
     bad = (HEADER + "56;ok;0,10;0;30;6;3\n"
            + "57;preço;x;0;30;6;3\n"
-           + "58;two, words;0,1;0;30;6;3\n"
+           + "58;a ${X} [b];0,1;0;30;6;3\n"
            + "0;zero;0,1;0;30;0;3\n"
            + "56;again;0,1;0;30;6;3\n")
     reply = await upload(api, t["id"], bad)

@@ -79,12 +79,18 @@ def test_every_bad_line_is_reported_with_line_and_column():
     assert all(detail for _, detail in errors)
 
 
-@pytest.mark.parametrize("description", ["a,b", "x;y", "[section]", "${X}", 'say "hi"',
-                                         "back\\slash"])
+@pytest.mark.parametrize("description", ["[section]", "${X}", 'say "hi"', "back\\slash",
+                                         "<b>", "tab\there", "x" * 101])
 def test_descriptions_are_safe_text(description):
     quoted = '"' + description.replace('"', '""') + '"'
     errors = rejected(f"{HEADER}\n55;{quoted};0,1;0;30;6;3\n".encode())
     assert [p for p, _ in errors] == ["/line/2/description"]
+
+
+def test_descriptions_take_what_carriers_tables_write():
+    text = 'Portugal (móvel), Lisboa; 10% desc'
+    [row] = parse_rates(f'{HEADER}\n351;"{text}";0,1;0;30;6;3\n'.encode())
+    assert row.description == text
 
 
 def test_header_problems():
