@@ -37,6 +37,25 @@ class Filter:
     description: str = ""
 
 
+def take_paging(query: dict[str, str]) -> tuple[int, int, list[tuple[str, str]]]:
+    """(limit, after) taken out of `query`, and the errors (pointer, detail) of bad ones."""
+    errors = []
+    limit, after = DEFAULT_PAGE, 0
+    raw = query.pop("limit", None)
+    if raw is not None:
+        if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
+            errors.append(("/query/limit", f"must be an integer from 1 to {MAX_PAGE}"))
+        else:
+            limit = int(raw)
+    raw = query.pop("after", None)
+    if raw is not None:
+        if not is_ascii_digits(raw) or len(raw) > 18:
+            errors.append(("/query/after", "must be the next_after value of the previous page"))
+        else:
+            after = int(raw)
+    return limit, after, errors
+
+
 def parse_filters(query: Mapping[str, str], known: Mapping[str, Filter],
                   args: list[Any]) -> tuple[list[str], list[tuple[str, str]]]:
     """SQL conditions for the filters `query` names, their values appended to `args`, and
@@ -195,22 +214,9 @@ class Resource:
     async def list(self, conn: asyncpg.Connection, p: Principal,
                    query: dict[str, str]) -> RawJson:
         args: list[Any] = [p.scope_id]
-        errors: list[tuple[str, str]] = []
-        limit, after = DEFAULT_PAGE, 0
-        raw = query.get("limit")
-        if raw is not None:
-            if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
-                errors.append(("/query/limit", f"must be an integer from 1 to {MAX_PAGE}"))
-            else:
-                limit = int(raw)
-        raw = query.get("after")
-        if raw is not None:
-            if not is_ascii_digits(raw) or len(raw) > 18:
-                errors.append(("/query/after", "must be the next_after value of the previous page"))
-            else:
-                after = int(raw)
-        where, bad = parse_filters({k: v for k, v in query.items() if k not in ("limit", "after")},
-                                   {f.name: f for f in self.filters}, args)
+        query = dict(query)
+        limit, after, errors = take_paging(query)
+        where, bad = parse_filters(query, {f.name: f for f in self.filters}, args)
         errors += bad
         if errors:
             raise invalid(errors)

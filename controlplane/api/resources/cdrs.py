@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
-from controlplane.api.fields import is_ascii_digits
 from controlplane.api.keys import POOL, SETTINGS
 from controlplane.api.problems import ApiError, invalid
 from controlplane.api.querying import call_filters, conditions, params
@@ -22,6 +21,7 @@ from controlplane.api.resource import (
     MAX_PAGE,
     json_response,
     principal_of,
+    take_paging,
 )
 from controlplane.api.resources.audit import time_filter
 from controlplane.api.routes import QueryParam, RouteTable
@@ -85,20 +85,7 @@ FORMATS = {
 
 def _paging(query: dict[str, str]) -> tuple[int, int]:
     """(limit, after) taken out of `query`."""
-    errors = []
-    limit, after = DEFAULT_PAGE, 0
-    raw = query.pop("limit", None)
-    if raw is not None:
-        if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
-            errors.append(("/query/limit", f"must be an integer from 1 to {MAX_PAGE}"))
-        else:
-            limit = int(raw)
-    raw = query.pop("after", None)
-    if raw is not None:
-        if not is_ascii_digits(raw) or len(raw) > 18:
-            errors.append(("/query/after", "must be the next_after value of the previous page"))
-        else:
-            after = int(raw)
+    limit, after, errors = take_paging(query)
     if errors:
         raise invalid(errors)
     return limit, after
