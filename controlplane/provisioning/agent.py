@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ class NodeAgent:
         self.applied = 0
         self.reconciles = 0
         self.idle = asyncio.Event()
+        self.barriers: dict[str, asyncio.Event] = {}
 
     # -- life ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -149,6 +151,11 @@ class NodeAgent:
                 change.get("node_id") is not None:
             return
         kind = change.get("kind")
+        if kind == "barrier":  # see caught_up(): changes nothing
+            heard = self.barriers.get(str(change.get("token")))
+            if heard is not None:
+                heard.set()
+            return
         if kind == "extension":
             self.pending.codes.update(change.get("account_codes") or [])
         elif kind == "tenant":
@@ -446,9 +453,21 @@ class NodeAgent:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             pass
 
-    async def wait_idle(self, timeout: float = 30) -> None:
-        """For tests and tools: until every notified change has been applied."""
-        await asyncio.wait_for(self.idle.wait(), timeout)
+    async def caught_up(self, timeout: float = 30) -> None:
+        """For tests and tools: until every change committed before this call has been
+        applied. Notifications arrive in commit order, so once a barrier sent now is heard,
+        every earlier change has been heard too; what remains is to wait for idle."""
+        token = secrets.token_hex(8)
+        heard = self.barriers[token] = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.pool.acquire() as conn:
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps(
+                        {"kind": "barrier", "token": token, "node_id": self.node.id}))
+                await heard.wait()
+                await self.idle.wait()
+        finally:
+            del self.barriers[token]
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

@@ -110,7 +110,7 @@ class Calls:
         """Every agent has applied what the API changed."""
         for agent, _, _ in self.agents.values():
             if agent.role != "calls":
-                await agent.wait_idle(15)
+                await agent.caught_up(15)
 
     async def customer(self, *, dealer_calls: int | None = None) -> dict[str, Any]:
         """A distributor on node A with two resellers, one per node, each with a tenant whose
