@@ -499,14 +499,20 @@ async def surviving(what: str, stop: asyncio.Event, expected: tuple[type[Excepti
     calls have, named when one of them ran out."""
     try:
         yield
-    except expected as exc:
+    except Exception as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled mid-call, and the cleanup raised instead (asyncpg's release of a
+            # connection whose query was cancelled can): the cancellation wins.
+            raise asyncio.CancelledError() from exc
+        if not isinstance(exc, expected):
+            log.exception("%s failed on an unexpected error; going on in %g s", what,
+                          UNEXPECTED_PAUSE)
+            await _pause(stop, UNEXPECTED_PAUSE)
+            return
         log.warning("%s failed: %s", what, describe(exc, timeout))
         if pause:
             await _pause(stop, pause)
-    except Exception:
-        log.exception("%s failed on an unexpected error; going on in %g s", what,
-                      UNEXPECTED_PAUSE)
-        await _pause(stop, UNEXPECTED_PAUSE)
 
 
 def report_failure(task: asyncio.Task[Any]) -> None:

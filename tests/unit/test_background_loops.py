@@ -119,6 +119,36 @@ async def test_a_turn_failing_unexpectedly_is_logged_and_the_loop_goes_on(
     assert "grants kept moving" in caplog.text and record.name == node_control.log.name
 
 
+async def test_a_turn_cancelled_mid_call_ends_the_loop_even_when_its_cleanup_raises(
+        caplog: pytest.LogCaptureFixture):
+    """asyncpg's release of a connection whose query was cancelled can raise an error of
+    its own in place of the CancelledError: the loop must still end, and log nothing."""
+    stop, turns, started = asyncio.Event(), [], asyncio.Event()
+
+    async def loop() -> None:
+        while not stop.is_set():
+            async with surviving("node n1: lease renewal", stop, node_control.DB_ERRORS):
+                turns.append(1)
+                if len(turns) == 3:
+                    stop.set()  # a loop that went on ends here, not never
+                if len(turns) > 1:
+                    continue
+                try:
+                    started.set()
+                    await asyncio.sleep(30)
+                finally:
+                    raise asyncpg.InternalClientError("release() called on a free holder")
+
+    task = asyncio.create_task(loop())
+    await started.wait()
+    with caplog.at_level(logging.WARNING):
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+    assert task.cancelled() and turns == [1]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 async def test_the_cdr_import_goes_on_after_an_unexpected_error(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
     calls = control()
