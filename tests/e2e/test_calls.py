@@ -346,6 +346,39 @@ async def test_calls_sharing_one_account_never_overrun_it(calls):
     assert Decimal(account["reserved"]) == 0
 
 
+async def test_a_dialled_string_cannot_run_dialplan_functions(calls):
+    """A phone may dial any text (pjsip unescapes the request URI's user part): quotes and a
+    function call in it must never be evaluated by the shared dialplan, such as a DB_DELETE
+    of another tenant's number map. The call is refused as an invalid number and the other
+    tenant's extension stays where it was."""
+    world, victim_world = await calls.customer(), await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    victim, victim_registrar = victim_world["tenants"][0]
+    _, phone = await calls.phone(tenant, registrar, "7501", plan_id=world["plan"]["id"])
+    await calls.phone(victim, victim_registrar, "7502", credit=None)
+    await calls.settle()
+    node = calls.nodes[0]
+    key = f"pbx-ext/{victim['id']} 7502"
+
+    def stored() -> str:
+        return node.rx(f"database get {key}")
+
+    assert "Value:" in stored()
+    # before the fix this deleted the key: the regex match hands DB_DELETE a bare family/key
+    payload = f'1"|DB_DELETE("x/pbx-ext/{victim["id"]}/7502" : "x/(.*)")|"'
+    escaped = "".join(c if c.isalnum() or c in "-/()" else f"%{ord(c):02X}" for c in payload)
+    run = await place(phone, escaped, scenario=refused_scenario(404), timeout=10)
+    assert run.ok, run.output
+    assert "Value:" in stored(), "the dialled text ran DB_DELETE"
+
+    async def refused() -> bool:
+        return bool(await calls.cdrs(tenant_id=tenant["id"]))
+
+    await until(refused, "the refused call's CDR")
+    [cdr] = await calls.cdrs(tenant_id=tenant["id"])
+    assert (cdr["refusal"], cdr["sip_code"]) == ("number_invalid", 404)
+
+
 async def test_refusals_answer_with_the_sip_code_of_their_reason(calls):
     world = await calls.customer()
     tenant, registrar = world["tenants"][0]
