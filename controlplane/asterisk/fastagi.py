@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 MAX_HEADER_LINES = 200
 MAX_REQUEST = 64 * 1024  # bytes a peer may send unanswered
 BACKLOG = 1024
+# A channel's name as Asterisk makes it (technology/resource-sequence), with nothing an AMI
+# action would read otherwise: no blank or control character, not a /regular expression/.
+CHANNEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*/[!-~]+")
 REFUSAL_LOG_EVERY = 60.0  # seconds between warnings of requests without the token
 
 
@@ -106,8 +109,17 @@ def parse_environment(block: bytes) -> dict[str, str]:
         raise AgiProtocolError("the AGI environment is too long")
     for line in lines:
         key, sep, value = line.partition(":")
-        if sep:
-            env[key.strip()] = value.strip()
+        if not sep:
+            continue
+        key = key.strip()
+        if key in env:
+            # A value Asterisk writes unescaped (a caller ID from the network) held a line
+            # break and a key of its own: which of the two is Asterisk's cannot be told.
+            raise AgiProtocolError(f"the AGI environment repeats {key[:40]!r}")
+        env[key] = value.strip()
+    channel = env.get("agi_channel")
+    if channel is not None and not CHANNEL_NAME.fullmatch(channel):
+        raise AgiProtocolError("the AGI environment names no channel Asterisk could have")
     return env
 
 

@@ -39,7 +39,7 @@ import asyncpg
 
 from controlplane.asterisk.ami import AmiSession, AmiUnavailable
 from controlplane.asterisk.ari import AriClient, AriError
-from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer
+from controlplane.asterisk.fastagi import CHANNEL_NAME, AgiRequest, FastAgiServer
 from controlplane.calls import credit, lifecycle
 from controlplane.calls.admission import Admission, CallRequest, Decision, unavailable
 from controlplane.calls.batching import BatchCancelled
@@ -464,8 +464,8 @@ class CallControl:
         while not stop.is_set():
             event = await self.hangups.get()
             channel = event.get("channel_name")
-            if not channel:
-                continue
+            if not channel or not CHANNEL_NAME.fullmatch(channel):
+                continue  # none, or not one Asterisk made (admission stores no other)
             async with self._surviving(f"hangup of {channel}", stop, (AmiUnavailable,)):
                 await self.ami.action({"Action": "Hangup", "Channel": channel, "Cause": "16"})
 

@@ -211,7 +211,8 @@ async def test_hangups_go_on_after_an_unexpected_error(caplog: pytest.LogCapture
     ami.fail_next = True
     calls = control(ami)
     stop = asyncio.Event()
-    for channel in ("PJSIP/a-1", "PJSIP/b-2"):
+    # a name no Asterisk channel has (an AMI regular expression, a line break) is not sent
+    for channel in ("PJSIP/a-1", "/.*/", "PJSIP/x\r\nAction: Logoff", "PJSIP/b-2"):
         calls.hangups.put_nowait({"channel_name": channel})
     with caplog.at_level(logging.WARNING):
         task = asyncio.create_task(calls._hangup_loop(stop))

@@ -7,7 +7,14 @@ from collections.abc import Mapping
 
 import pytest
 
-from controlplane.asterisk.fastagi import AgiRequest, FastAgiServer, pack, quote
+from controlplane.asterisk.fastagi import (
+    AgiProtocolError,
+    AgiRequest,
+    FastAgiServer,
+    pack,
+    parse_environment,
+    quote,
+)
 
 
 async def ask(port: int, script: str, *args: str, answer_with: bytes = b"200 result=1\n",
@@ -256,3 +263,26 @@ async def test_with_a_token_only_requests_carrying_it_are_decided(caplog):
     refusals = [r for r in caplog.records if "without this node's token" in r.getMessage()]
     assert len(refusals) == 1  # at most one warning a minute, counting the others
     assert all(token not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("block", [
+    # a caller ID from the network holding a line break and a key of its own, before or
+    # after Asterisk's own line of that key
+    b"agi_channel: PJSIP/carrier-00000001\nagi_callerid: 1\nagi_arg_3: 7001\n"
+    b"agi_arg_3: 5511999999999\n",
+    b"agi_channel: PJSIP/carrier-00000001\nagi_callerid: 1\n"
+    b"agi_channel: PJSIP/victim-00000002\n",
+    # channel names Asterisk never makes: an AMI regular expression, a blank
+    b"agi_channel: /PJSIP/.*/\n",
+    b"agi_channel: PJSIP/a b\n",
+])
+def test_an_environment_that_cannot_be_asterisks_own_is_refused(block: bytes):
+    with pytest.raises(AgiProtocolError):
+        parse_environment(block)
+
+
+def test_a_plain_environment_is_read_whole():
+    env = parse_environment(b"agi_channel: PJSIP/100001-0000000a\nagi_callerid: 1001\n"
+                            b"agi_arg_1: 7\nagi_arg_2: internal\n")
+    assert env == {"agi_channel": "PJSIP/100001-0000000a", "agi_callerid": "1001",
+                   "agi_arg_1": "7", "agi_arg_2": "internal"}
