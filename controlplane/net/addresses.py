@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 def ensure_addresses(addresses: list[str], interface: str) -> list[str]:
     """Add each IPv4 address (as /32) to `interface` unless it is already there.
 
-    Returns the addresses added. On loopback, only 127.0.0.0/8 addresses are touched."""
-    added = []
+    Returns those of `addresses` that are on the interface afterwards: one the kernel
+    refuses is logged and left out, and so is any but 127.0.0.0/8 on loopback."""
+    usable = []
     with IPRoute() as ipr:
         links = ipr.link_lookup(ifname=interface)
         if not links:
@@ -23,12 +24,20 @@ def ensure_addresses(addresses: list[str], interface: str) -> list[str]:
         present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=2)}
         for raw in addresses:
             ip = ipaddress.ip_address(raw)
-            if ip.version != 4 or str(ip) in present:
+            if ip.version != 4:
+                continue
+            if str(ip) in present:
+                usable.append(str(ip))
                 continue
             if interface == "lo" and not ip.is_loopback:
                 log.warning("not adding %s to lo: not a loopback address", ip)
                 continue
-            ipr.addr("add", index=index, address=str(ip), prefixlen=32)
-            added.append(str(ip))
+            try:
+                ipr.addr("add", index=index, address=str(ip), prefixlen=32)
+            except NetlinkError as exc:
+                log.warning("could not add registration address %s to %s: %s", ip, interface,
+                            exc)
+                continue
+            usable.append(str(ip))
             log.info("added registration address %s to %s", ip, interface)
-    return added
+    return usable

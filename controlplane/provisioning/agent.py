@@ -373,8 +373,10 @@ class NodeAgent:
         if self.manage_interface:
             from controlplane.net.addresses import ensure_addresses
 
-            await asyncio.get_running_loop().run_in_executor(
-                None, ensure_addresses, [t.address for t in transports], self.manage_interface)
+            usable = set(await asyncio.get_running_loop().run_in_executor(
+                None, ensure_addresses, [t.address for t in transports], self.manage_interface))
+            # a transport on an address the node does not have would not bind
+            transports = [t for t in transports if t.address in usable]
         path = self.tenant_dir / "pjsip" / "transports.conf"
         if _write_if_changed(path, render_transports(transports)):
             await self.ami.command("module reload res_pjsip.so", timeout=30)

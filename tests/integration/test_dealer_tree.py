@@ -194,6 +194,33 @@ async def test_only_the_operator_assigns_nodes(api):
     assert reply.status == 403
 
 
+async def test_only_the_operator_puts_an_ip_address_on_a_node(api):
+    """A registration address that is an IP address is added to the node's interface and
+    bound there: a parent may give its child a host name, never an address."""
+    dist = await api.dealer("distributor")
+    me = await api.as_dealer(dist)
+    body = {"level": "reseller", "name": "R", "password": "correct-horse-battery"}
+    reply = await me.post("/api/v1/dealers", {**body, "login": "r-ip",
+                                              "registration_address": "10.1.2.3"})
+    assert reply.status == 403 and "operator" in reply.body["detail"]
+    child = me.ok(await me.post("/api/v1/dealers", {
+        **body, "login": "r-name", "registration_address": "sip.brand.example"}), 201)
+    for address in ("10.1.2.3", "127.0.0.77"):
+        reply = await me.patch(f"/api/v1/dealers/{child['id']}",
+                               {"registration_address": address})
+        assert reply.status == 403
+    row = await api.pool.fetchrow("SELECT registration_address FROM dealers WHERE id = $1",
+                                  child["id"])
+    assert row["registration_address"] == "sip.brand.example"
+    for address in ("0.0.0.0", "255.255.255.255", "224.0.0.1", "240.0.0.9", "169.254.1.1"):
+        reply = await api.patch(f"/api/v1/dealers/{child['id']}",
+                                {"registration_address": address})
+        assert reply.status == 422, address
+        assert reply.body["errors"][0]["pointer"] == "#/registration_address", reply
+    api.ok(await api.patch(f"/api/v1/dealers/{child['id']}",
+                           {"registration_address": "127.0.0.77"}))
+
+
 async def test_deleting_a_dealer_with_tenants_is_refused(api):
     dist = await api.dealer("distributor")
     await api.tenant(dist["id"])

@@ -4,6 +4,7 @@ balance, API credentials, logo and impersonation ("access the reseller")."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from decimal import Decimal
 from typing import Any
 
@@ -47,7 +48,9 @@ DEALER_FIELDS = {
     "brand_name": F.text(100, nullable=True, description="white-label brand shown to tenants"),
     "portal_domain": F.domain("white-label portal domain", nullable=True),
     "portal_url": F.url("white-label portal URL", nullable=True),
-    "registration_address": F.host("IP or FQDN the tenants' phones register to", nullable=True),
+    "registration_address": F.host("IP or FQDN the tenants' phones register to; an IP address"
+                                   " is put on the node and set by the operator only",
+                                   nullable=True),
     "node_id": F.reference("SIP server (Asterisk node); set by the operator only", nullable=True),
     "max_tenants": F.integer(nullable=True, description="cap on tenants in the subtree"),
     "max_extensions": F.integer(nullable=True, description="cap on extensions in the subtree"),
@@ -62,6 +65,26 @@ COLUMNS = ("id, parent_id, path, level::text AS level, name, login, active, bran
            " max_extensions, max_calls, tenant_count, extension_count,"
            " billing_mode::text AS billing_mode, balance::text AS balance,"
            " credit_limit::text AS credit_limit, created_at, updated_at")
+
+
+def _check_registration_address(p: Principal, data: dict[str, Any]) -> None:
+    """An IP address as registration address is added to the node's network interface and
+    bound by a SIP transport there: only the operator, who runs the nodes' networks, picks
+    one, and only a unicast address a transport can bind. A host name binds nothing."""
+    raw = data.get("registration_address")
+    if raw is None:
+        return
+    try:
+        ip = ipaddress.ip_address(raw)
+    except ValueError:
+        return
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_link_local:
+        raise invalid([("/registration_address",
+                        "must be a unicast address a SIP server can bind (not 0.0.0.0, "
+                        "multicast, broadcast, reserved or link-local)")])
+    if not p.is_operator:
+        raise forbidden("only the platform operator assigns IP addresses on SIP server nodes;"
+                        " a host name may be set here")
 
 
 class Dealers(Resource):
@@ -93,6 +116,7 @@ class Dealers(Resource):
             raise invalid([("/parent_id", "is not a dealer you manage")])
         if "node_id" in data and not p.is_operator:
             raise forbidden("only the platform operator assigns SIP server nodes")
+        _check_registration_address(p, data)
         data["password_hash"] = await hash_password(data.pop("password"))
         return data
 
@@ -105,6 +129,7 @@ class Dealers(Resource):
                                 + "; its parent does")
         if "node_id" in data and not p.is_operator:
             raise forbidden("only the platform operator assigns SIP server nodes")
+        _check_registration_address(p, data)
         if "password" in data:
             data["password_hash"] = await hash_password(data.pop("password"))
             await credentials.revoke_dealer_tokens(conn, current["id"])
