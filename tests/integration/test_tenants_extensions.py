@@ -94,6 +94,40 @@ async def test_dids_come_from_a_range_and_show_as_in_use(api):
     assert shrink.status == 409
 
 
+async def test_number_ranges_are_the_operators_and_never_overlap(api):
+    """A reseller cannot claim numbers (and with them another subtree's inbound calls): the
+    operator allots it a range, from which it takes DIDs; no two ranges share a number."""
+    reseller = await api.dealer("reseller")
+    me = await api.as_dealer(reseller)
+    t = await api.tenant(reseller["id"])
+    e = await api.extension(t["id"])
+    body = {"name": "RJ", "country_code": "55", "area_code": "21", "first_number": 39870000,
+            "last_number": 39870099}
+    claimed = await me.post("/api/v1/number-ranges", body)
+    assert claimed.status == 403 and "operator" in claimed.body["detail"]
+    rng = api.ok(await api.post("/api/v1/number-ranges",
+                                {**body, "dealer_id": reseller["id"]}), 201)
+    did = me.ok(await me.post("/api/v1/dids", {"range_id": rng["id"], "local_number": 39870005,
+                                               "extension_id": e["id"]}), 201)
+    assert did["e164"] == "+552139870005"
+    renamed = me.ok(await me.patch(f"/api/v1/number-ranges/{rng['id']}", {"name": "Rio"}))
+    assert renamed["name"] == "Rio"
+    for change in ({"last_number": 39870199}, {"area_code": "22"}):
+        reply = await me.patch(f"/api/v1/number-ranges/{rng['id']}", change)
+        assert reply.status == 403, change
+    assert (await me.delete(f"/api/v1/number-ranges/{rng['id']}")).status == 403
+    for first, last in ((39870099, 39870100), (39869000, 39870000), (39870010, 39870020)):
+        reply = await api.post("/api/v1/number-ranges", {**body, "first_number": first,
+                                                         "last_number": last})
+        assert reply.status == 409 and reply.body["errors"][0]["pointer"] == "#/first_number"
+    other = api.ok(await api.post("/api/v1/number-ranges", {
+        **body, "first_number": 39870100, "last_number": 39870199}), 201)
+    grown = await api.patch(f"/api/v1/number-ranges/{other['id']}", {"first_number": 39870050})
+    assert grown.status == 409
+    assert api.ok(await api.patch(f"/api/v1/number-ranges/{rng['id']}",
+                                  {"last_number": 39870050}))["last_number"] == 39870050
+
+
 async def test_extension_plans_must_be_offered_to_the_tenant_dealer(api):
     dist = await api.dealer("distributor")
     other = await api.dealer("distributor")

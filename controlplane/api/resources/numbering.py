@@ -11,7 +11,7 @@ from aiohttp import web
 from controlplane.api import fields as F
 from controlplane.api.fields import FieldError, is_ascii_digits
 from controlplane.api.keys import POOL
-from controlplane.api.problems import invalid
+from controlplane.api.problems import conflict, forbidden, invalid
 from controlplane.api.resource import (
     MAX_PAGE,
     Resource,
@@ -58,9 +58,48 @@ class NumberRanges(Resource):
     async def before_create(self, conn: asyncpg.Connection, p: Principal,
                             data: dict[str, Any]) -> dict[str, Any]:
         await managed_owner(conn, p, data)
+        _operator_only(p, "creates number ranges")
+        await _no_overlap(conn, data, None)
         return data
 
+    async def before_update(self, conn: asyncpg.Connection, p: Principal,
+                            current: asyncpg.Record, data: dict[str, Any]) -> dict[str, Any]:
+        if set(data) & NUMBERING:
+            _operator_only(p, "changes the numbers of a range")
+            await _no_overlap(conn, {**dict(current), **data}, current["id"])
+        return data
 
+    async def before_delete(self, conn: asyncpg.Connection, p: Principal,
+                            current: asyncpg.Record) -> None:
+        _operator_only(p, "removes number ranges")
+
+
+# A range's numbers are the operator's (its carriers assign them to it): it creates a range
+# for a dealer whose subtree then takes DIDs from it. Were any dealer to create ranges, one
+# could claim another subtree's numbers and receive their inbound calls.
+NUMBERING = frozenset({"country_code", "area_code", "first_number", "last_number"})
+
+
+def _operator_only(p: Principal, what: str) -> None:
+    if not p.is_operator:
+        raise forbidden(f"only the platform operator {what}; it allots them to dealers")
+
+
+async def _no_overlap(conn: asyncpg.Connection, data: dict[str, Any], own: int | None) -> None:
+    """409 when the numbers overlap another range's: two subtrees would then both hand out
+    DIDs of the same numbers. Concurrent writers of ranges take turns here."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", RANGES_LOCK)
+    other = await conn.fetchrow(
+        "SELECT id, name FROM number_ranges WHERE country_code = $1 AND area_code = $2"
+        " AND first_number <= $4 AND last_number >= $3 AND id IS DISTINCT FROM $5"
+        " ORDER BY id LIMIT 1", data["country_code"], data["area_code"],
+        data["first_number"], data["last_number"], own)
+    if other is not None:
+        raise conflict(f"the numbers overlap those of number range {other['id']}",
+                       "/first_number")
+
+
+RANGES_LOCK = 7140021  # advisory lock: writers of number ranges
 RANGES = NumberRanges()
 
 DID_FIELDS = {
