@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from controlplane.api.fields import FieldError, storable
 from controlplane.api.keys import POOL, PRINCIPAL, SETTINGS
 from controlplane.api.routes import RouteTable
 from controlplane.model.principal import Principal
@@ -33,6 +34,8 @@ PRINCIPAL_TTL = 5.0       # seconds a resolved token is reused without asking Po
 PRINCIPAL_CACHE_MAX = 10_000
 LISTEN_PING = 5.0         # seconds between liveness checks of the LISTEN connection
 
+# The one scope tokens are issued with: everything the dealer may do in its subtree.
+API_SCOPE = "api"
 TOKEN_FIELDS = {"grant_type", "client_id", "client_secret", "username", "password", "scope",
                 "refresh_token", "token"}
 
@@ -74,12 +77,15 @@ async def _token_params(request: web.Request) -> dict[str, str]:
     if request.content_type == "application/json":
         try:
             body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise OAuthError("invalid_request", "the body is not valid JSON") from exc
         if not isinstance(body, dict):
             raise OAuthError("invalid_request", "the body must be a JSON object")
     elif request.content_type == "application/x-www-form-urlencoded":
-        body = dict(await request.post())
+        try:
+            body = dict(await request.post())
+        except (ValueError, LookupError) as exc:  # UnicodeDecodeError, an unknown charset
+            raise OAuthError("invalid_request", "the form is not valid UTF-8") from exc
     else:
         raise OAuthError("invalid_request",
                          "send application/json or application/x-www-form-urlencoded")
@@ -93,7 +99,10 @@ async def _token_params(request: web.Request) -> dict[str, str]:
             continue
         if not isinstance(value, (str, int)) or isinstance(value, bool) or len(str(value)) > 512:
             raise OAuthError("invalid_request", f"{key} must be a string")
-        out[key] = str(value)
+        try:
+            out[key] = storable(str(value))
+        except FieldError as exc:
+            raise OAuthError("invalid_request", f"{key} {exc}") from exc
     return out
 
 
@@ -137,6 +146,10 @@ async def token_endpoint(request: web.Request) -> web.Response:
         if grant not in ("password", "refresh_token"):
             raise OAuthError("unsupported_grant_type",
                              "grant_type must be password or refresh_token")
+        if params.get("scope", "").strip() not in ("", API_SCOPE):
+            # a client asking for less must not be handed more in silence (RFC 6749 3.3)
+            raise OAuthError("invalid_scope", f"this API has one scope, {API_SCOPE}: all of "
+                             "the dealer's subtree; ask for it or for none")
         ip = source_ip(request, settings)
         async with request.app[POOL].acquire() as conn:
             client = await _authenticate_client(conn, params, ip)
@@ -151,7 +164,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
                     raise OAuthError("invalid_grant", "wrong username or password")
                 async with conn.transaction():
                     body = await _issue_pair(conn, settings, client["id"], client["dealer_id"],
-                                             params.get("scope", ""))
+                                             API_SCOPE)
             else:
                 refresh = params.get("refresh_token", "")
                 if not refresh:
@@ -164,7 +177,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
                             raise OAuthError("invalid_grant",
                                              "the refresh token is unknown, expired or used")
                         body = await _issue_pair(conn, settings, client["id"],
-                                                 old["dealer_id"], old["scope"])
+                                                 old["dealer_id"], API_SCOPE)
                 finally:
                     # the old pair's access token was revoked with its refresh token
                     request.app[PRINCIPALS].invalidate()

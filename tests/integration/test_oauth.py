@@ -1,6 +1,7 @@
 """OAuth2 password and refresh grants, expiry, revocation and the source CIDR allowlist."""
 
 import dataclasses
+import json
 
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -189,3 +190,41 @@ async def test_requests_without_a_token_are_refused(api):
     assert reply.status == 401
     assert reply.headers["Content-Type"].startswith("application/problem+json")
     assert (await api.get("/api/v1/tenants", token="not-a-token")).status == 401
+
+
+async def test_malformed_token_requests_get_400_not_500(api, client):
+    """Anyone may reach /oauth/token: no body it sends may end in a server error."""
+    _, creds = await _reseller_creds(api)
+    bodies = [
+        ("application/json", b"[" * 100_000 + b"]" * 100_000),
+        ("application/x-www-form-urlencoded", b"grant_type=password&username=\xff"),
+        ("application/x-www-form-urlencoded; charset=bogus", b"grant_type=password"),
+        ("application/json", b'{"grant_type": "password", "client_id": "\\ud800",'
+                             b' "client_secret": "x", "username": "u", "password": "p"}'),
+        ("application/json", json.dumps({"grant_type": "password", "username": "u",
+                                         "client_id": creds["client_id"], "password": "p",
+                                         "client_secret": "\ud800"}).encode()),
+        ("application/json", b'{"grant_type": "password", "client_id": "a\\u0000b"}'),
+    ]
+    for path in ("/oauth/token", "/oauth/revoke"):
+        for content_type, raw in bodies:
+            async with client.post(path, data=raw,
+                                   headers={"Content-Type": content_type}) as resp:
+                body = await resp.json()
+                assert resp.status == 400, (path, content_type, raw[:60], body)
+                assert body["error"] == "invalid_request", body
+
+
+async def test_tokens_have_the_one_scope_the_api_has(api):
+    dealer, creds = await _reseller_creds(api)
+    for asked in ("", "api"):
+        reply = await api.grant(dealer["login"], "correct-horse-battery", creds["client_id"],
+                                creds["client_secret"], scope=asked)
+        assert reply.status == 200 and reply.body["scope"] == "api", reply
+    refreshed = await api.call("POST", "/oauth/token", {
+        "grant_type": "refresh_token", "refresh_token": reply.body["refresh_token"],
+        "client_id": creds["client_id"], "client_secret": creds["client_secret"]}, token="")
+    assert refreshed.status == 200 and refreshed.body["scope"] == "api", refreshed
+    narrower = await api.grant(dealer["login"], "correct-horse-battery", creds["client_id"],
+                               creds["client_secret"], scope="read")
+    assert (narrower.status, narrower.body["error"]) == (400, "invalid_scope")

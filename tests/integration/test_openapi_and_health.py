@@ -1,5 +1,6 @@
 """The OpenAPI document matches the real routes; the docs page works offline; health checks."""
 
+import json
 import re
 
 from controlplane.api.app import build_routes
@@ -64,3 +65,23 @@ async def test_route_table_operation_ids_are_unique():
     ops = build_routes().operations
     keys = [(o.method, o.path) for o in ops]
     assert len(keys) == len(set(keys))
+
+
+async def test_readiness_says_unavailable_without_the_database_error(caplog):
+    """Anyone may ask /readyz: the error's text (hosts, users) goes to the log only."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from controlplane.api.app import readyz
+    from controlplane.api.keys import POOL
+
+    class Down:
+        def acquire(self, timeout: float):
+            raise OSError("could not connect to db-7.internal as user pbx_admin")
+
+    app = web.Application()
+    app[POOL] = Down()
+    reply = await readyz(make_mocked_request("GET", "/readyz", app=app))
+    assert reply.status == 503
+    assert json.loads(reply.body) == {"status": "unavailable", "database": "unavailable"}
+    assert "db-7.internal" in caplog.text
