@@ -107,6 +107,7 @@ class NodeAgent:
         self.pending = Pending()
         self.wake = asyncio.Event()
         self.dialplan_dirty = asyncio.Event()
+        self.dialplan_loaded = asyncio.Event()  # no dialplan file is newer than the node's
         self.registrations = RegistrationTracker(pool, node.id, self.ami)
         # Call control shares the node's AMI and ARI links (one login, one resync).
         self.calls = CallControl(pool, node.id, node.name, self.ami, self.ari, dsn,
@@ -230,6 +231,7 @@ class NodeAgent:
             for tid in work.tenants:
                 changed |= self._write_dialplan(tid, tenants.get(tid))
             if changed:
+                self.dialplan_loaded.clear()
                 self.dialplan_dirty.set()
 
     async def _converge(self, codes: Iterable[str], want: dict[str, ExtensionState]) -> None:
@@ -357,8 +359,11 @@ class NodeAgent:
             family, _, k = key.rpartition("/")
             await self._db_del(f"{EXT_FAMILY}/{family}" if family else EXT_FAMILY, k)
         changed = self._sync_dialplans(tenants)
-        if changed:
+        # The first time, also for files a stopped agent wrote and had no time to load.
+        if changed or self.reconciles == 0:
             await self._reload_dialplan()
+            if not self.dialplan_dirty.is_set():
+                self.dialplan_loaded.set()
         self.reconciles += 1
         await self._note_reconciled()
         done = {"extensions": len(want), "applied": self.applied - before,
@@ -428,6 +433,8 @@ class NodeAgent:
                 return
             try:
                 await self._reload_dialplan()
+                if not self.dialplan_dirty.is_set():
+                    self.dialplan_loaded.set()
             except AmiUnavailable as exc:
                 log.warning("node %s: dialplan reload failed (%s); retrying", self.node.name,
                             exc)
@@ -458,7 +465,8 @@ class NodeAgent:
     async def caught_up(self, timeout: float = 30) -> None:
         """For tests and tools: until every change committed before this call has been
         applied. Notifications arrive in commit order, so once a barrier sent now is heard,
-        every earlier change has been heard too; what remains is to wait for idle."""
+        every earlier change has been heard too; what remains is to wait for idle, and for
+        the dialplan reload of the tenants it wrote."""
         token = secrets.token_hex(8)
         heard = self.barriers[token] = asyncio.Event()
         try:
@@ -468,6 +476,7 @@ class NodeAgent:
                         {"kind": "barrier", "token": token, "node_id": self.node.id}))
                 await heard.wait()
                 await self.idle.wait()
+                await self.dialplan_loaded.wait()
         finally:
             del self.barriers[token]
 

@@ -56,6 +56,13 @@ async def sipp(scenario: str, target: str | None, rows: list[str], *, port: int,
     except TimeoutError:
         proc.kill()
         out, _ = await proc.communicate()
+    except BaseException:
+        # cancelled (its test failed): a SIPp left running would hold its port, such as the
+        # carrier's 5060, and fail the tests after it
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     finally:
         Path(inf.name).unlink(missing_ok=True)
     return SippRun(proc.returncode if proc.returncode is not None else -9,

@@ -94,7 +94,7 @@ class Calls:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
         while (role != "calls" and agent.reconciles < 1) or \
-                (role != "nodes" and not agent.calls.agi_url):
+                (role != "nodes" and not agent.calls.agi.token_given):  # node told PBX_AGI
             if task.done():
                 task.result()
             assert loop.time() < deadline, "the agent did not start"
@@ -111,6 +111,8 @@ class Calls:
         for agent, _, _ in self.agents.values():
             if agent.role != "calls":
                 await agent.caught_up(15)
+            if agent.role != "nodes":
+                await agent.calls.sync_carriers()  # carriers follow their own notifications
 
     async def customer(self, *, dealer_calls: int | None = None) -> dict[str, Any]:
         """A distributor on node A with two resellers, one per node, each with a tenant whose

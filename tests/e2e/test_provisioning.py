@@ -161,6 +161,7 @@ async def test_api_shows_where_and_with_what_an_extension_is_registered(platform
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     ext, phone = await platform.phone(tenant, "1001", RESELLER_A)
+    await platform.agent.caught_up(15)
     port = next_port()
     assert (await register(phone, port=port)).ok
 
