@@ -33,6 +33,7 @@ from controlplane.provisioning.desired import NodeRecord
 from controlplane.provisioning.registrations import RegistrationTracker
 from controlplane.provisioning.render import (
     ExtensionState,
+    UnsafeValue,
     render_tenant_dialplan,
     render_transports,
     transports_for,
@@ -237,8 +238,15 @@ class NodeAgent:
     async def _converge(self, codes: Iterable[str], want: dict[str, ExtensionState]) -> None:
         """Make the node match `want` for these account codes."""
         removals = [c for c in codes if c not in want and c in self.markers]
-        changes = [want[c] for c in codes if c in want and
-                   str(self.markers.get(c)) != want[c].marker]
+        changes = []
+        for c in codes:
+            if c in want and str(self.markers.get(c)) != want[c].marker:
+                try:
+                    want[c].check()
+                except UnsafeValue as exc:  # written around the API: not pushed, not fatal
+                    log.error("node %s: extension %s not pushed: %s", self.node.name, c, exc)
+                    continue
+                changes.append(want[c])
         sem = asyncio.Semaphore(self.concurrency)
 
         async def bounded(coro: Any) -> None:

@@ -105,6 +105,28 @@ async def test_phone_registers_at_its_resellers_address_with_digest_auth(platfor
     assert f"{RESELLER_A}:5060" in transports
 
 
+async def test_an_extension_written_around_the_api_is_not_pushed_and_stops_nothing(
+        platform, caplog):
+    """A value that could break out of its place (here a password written by plain SQL) is
+    never pushed, its password never logged, and the node's other phones still provision."""
+    reseller = await platform.reseller(RESELLER_A)
+    tenant = await platform.api.tenant(reseller["id"])
+    bad, bad_phone = await platform.phone(tenant, "1001", RESELLER_A)
+    await until_registered(bad_phone)
+    await platform.db.execute("UPDATE extensions SET sip_password = $2 WHERE id = $1",
+                              bad["id"], "x]\n[evil-secret")
+    await platform.db.execute("SELECT pg_notify('pbx_changes', json_build_object("
+                              "'kind', 'extension', 'node_id', $1::bigint,"
+                              " 'account_codes', json_build_array($2::text))::text)",
+                              platform.node_id, bad["account_code"])
+    _, good = await platform.phone(tenant, "1002", RESELLER_A)
+    await platform.agent.caught_up(15)
+    await until_registered(good)
+    assert f"extension {bad['account_code']} not pushed" in caplog.text
+    assert "evil-secret" not in caplog.text
+    assert "[evil" not in platform.node.rx(f"pjsip show auth {bad['account_code']}")
+
+
 async def test_wrong_password_is_refused(platform):
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])

@@ -113,6 +113,18 @@ def test_a_value_written_behind_the_api_s_back_still_cannot_reach_a_node():
         state.render()
 
 
+def test_the_push_path_checks_every_value_and_never_shows_a_password():
+    """The agent pushes objects() through ARI, not render(): check() is what it runs first,
+    and its message names the field, never the value (it may be the SIP password)."""
+    state = ExtensionState("123456", 1, "100", "Joe", "x]\n[evil-secret", None)
+    with pytest.raises(UnsafeValue) as caught:
+        state.check()
+    assert "auth password" in str(caught.value) and "evil-secret" not in str(caught.value)
+    ExtensionState("123456", 1, "100", "Joe", "fine-Secret-123", None).check()
+    with pytest.raises(UnsafeValue):
+        ExtensionState("123456", 1, "1/2", "Joe", "fine-Secret-123", None).check()
+
+
 def _is_ipv4(value: str) -> bool:
     try:
         return ipaddress.ip_address(value).version == 4
