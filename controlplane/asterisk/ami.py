@@ -59,7 +59,7 @@ class AmiSession:
     host: str
     port: int
     username: str
-    secret: str
+    secret: str = field(repr=False)
     timeout: float = 5.0
     ping_interval: float = 5.0
     backoff_max: float = 30.0

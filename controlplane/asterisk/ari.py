@@ -33,7 +33,7 @@ class _StaleConnection(Exception):
 class AriClient:
     base_url: str
     username: str
-    password: str
+    password: str = field(repr=False)
     timeout: float = 5.0
     concurrency: int = 8
     _open: bool = False

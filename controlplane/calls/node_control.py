@@ -84,7 +84,9 @@ class CallControlConfig:
 def carrier_objects(carrier: Mapping[str, Any]) -> list[tuple[str, str, list[tuple[str, str]]]]:
     name = f"carrier-{carrier['id']}"
     host = carrier["host"]
-    contact = f"sip:{host}:{carrier['port']}"
+    # an IPv6 address goes in brackets in a SIP URI (RFC 3261 19.1.1), or its port is lost
+    contact = f"sip:[{host}]:{carrier['port']}" if ":" in host else \
+        f"sip:{host}:{carrier['port']}"
     if carrier["transport"] == "tcp":
         contact += ";transport=tcp"
     return [

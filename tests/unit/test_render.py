@@ -141,3 +141,25 @@ def test_transports_are_only_made_for_ipv4_registration_addresses(addresses):
     assert len(sections) == 2 * len(v4)
     binds = {dict(p)["bind"].rsplit(":", 1)[0] for _, p in sections}
     assert binds == v4
+
+
+@pytest.mark.parametrize(("host", "contact"), [
+    ("192.0.2.7", "sip:192.0.2.7:5080"),
+    ("sip.carrier.example", "sip:sip.carrier.example:5080"),
+    ("2001:db8::1", "sip:[2001:db8::1]:5080"),
+])
+def test_a_carriers_contact_keeps_its_port_for_every_kind_of_host(host, contact):
+    from controlplane.calls.node_control import carrier_objects
+
+    objects = {kind: dict(fields) for kind, _, fields in carrier_objects(
+        {"id": 3, "host": host, "port": 5080, "transport": "udp"})}
+    assert objects["aor"]["contact"] == contact
+    assert objects["identify"]["match"] == host
+
+
+def test_node_credentials_stay_out_of_their_clients_repr():
+    from controlplane.asterisk.ami import AmiSession
+    from controlplane.asterisk.ari import AriClient
+
+    assert "s3cret" not in repr(AmiSession("127.0.0.1", 5038, "agent", "s3cret"))
+    assert "s3cret" not in repr(AriClient("http://127.0.0.1:8088", "agent", "s3cret"))
