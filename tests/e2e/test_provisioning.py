@@ -301,13 +301,12 @@ async def test_agent_restart_converges_a_wiped_node(platform):
 async def test_burst_of_tenant_changes_costs_one_dialplan_reload(platform):
     reseller = await platform.reseller(RESELLER_A)
     agent = platform.agent
-    await platform.until(lambda: agent.idle.is_set(), "idle")
+    await agent.caught_up(15)  # the reseller's own change applied and loaded
     before = getattr(agent, "dialplan_reloads", 0)
-    tenants = [await platform.api.tenant(reseller["id"]) for _ in range(5)]
-    await platform.until(
-        lambda: all((platform.node.tenant_config_dir / "extensions" / f"t{t['id']}.conf")
-                    .exists() for t in tenants), "dialplan files")
-    await asyncio.sleep(0.5)
+    tenants = await asyncio.gather(*(platform.api.tenant(reseller["id"]) for _ in range(5)))
+    await agent.caught_up(15)  # every tenant's file written and the dialplan reloaded
+    assert all((platform.node.tenant_config_dir / "extensions" / f"t{t['id']}.conf").exists()
+               for t in tenants)
     reloads = getattr(agent, "dialplan_reloads", 0) - before
     assert 1 <= reloads <= 2, reloads
     assert f"t{tenants[-1]['id']}-internal" in platform.node.rx("dialplan show contexts") or \
