@@ -27,6 +27,7 @@ FIRST_COLUMNS = 16  # the oldest lines'
 EARLIEST, LATEST = 946684800.0, 4102444800.0  # 2000-01-01, 2100-01-01
 LONGEST = 1e8  # seconds from a record's start to its end (the CDR's columns hold less than 1e9)
 MAX_CHUNK = 1 << 20
+MAX_RECORD_LINES = 8  # lines one record may span (see read_from)
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,39 @@ def state(path: Path) -> tuple[str, int] | None:
 
 
 def read_from(path: Path, offset: int) -> tuple[list[str], int]:
-    """Complete lines from `offset` (a partly written last line waits for the next read),
-    and the offset after them."""
+    """Complete records from `offset` (a partly written last one waits for the next read),
+    and the offset after them.
+
+    Every field is quoted (quotes inside doubled), and a field may hold a line break: a
+    caller ID from the network is written as it came. A record therefore ends at the first
+    line break after an even number of quotes. A line whose quote stays open for
+    MAX_RECORD_LINES lines was cut short (a node that stopped mid-write): it is skipped
+    and the next line read as a record's start."""
     with open(path, "rb") as fh:
         fh.seek(offset)
         chunk = fh.read(MAX_CHUNK)
     end = chunk.rfind(b"\n")
     if end < 0:
         return [], offset
-    lines = chunk[:end].decode("utf-8", "replace").split("\n")
-    return [line for line in lines if line.strip()], offset + end + 1
+    pieces = chunk[:end].split(b"\n")
+    records: list[str] = []
+    taken = i = 0
+    while i < len(pieces):
+        quotes = size = 0
+        j = i
+        while j < len(pieces) and j - i < MAX_RECORD_LINES:
+            quotes += pieces[j].count(b'"')
+            size += len(pieces[j]) + 1
+            j += 1
+            if quotes % 2 == 0:
+                break
+        if quotes % 2 == 0:
+            text = b"\n".join(pieces[i:j]).decode("utf-8", "replace")
+            if text.strip():
+                records.append(text)
+            taken, i = taken + size, j
+        elif j - i >= MAX_RECORD_LINES:
+            taken, i = taken + len(pieces[i]) + 1, i + 1
+        else:
+            break  # its quote is still open where the file ends: the rest is on its way
+    return records, offset + taken

@@ -466,6 +466,26 @@ async def test_unknown_did_from_the_carrier_is_refused(calls):
     assert (cdr["refusal"], cdr["sip_code"]) == ("callee_unknown", 404), cdr
 
 
+async def test_a_caller_id_with_line_breaks_and_quotes_still_leaves_its_cdr(calls):
+    """The carrier's From user is unescaped by the node and written into the CDR file as
+    is: a line break and quotes in it must not split or lose the call's record."""
+    await calls.customer()
+    await calls.carrier(0)
+    await calls.settle()
+    caller = "55119%0A8888%22%2C%22x"  # 55119, a line break, 8888", "x
+    run = await sipp("uac_inbound.xml", f"{NODE_A}:5060", [f"551130009999;{NODE_A};{caller}"],
+                     port=next_port(), local_ip=CARRIER, timeout=5, extra=("-d", "100"))
+    assert not run.ok  # no such DID
+
+    async def recorded() -> bool:
+        return bool(await calls.cdrs(node_id=calls.node_ids[0]))
+
+    await until(recorded, "the refused call's CDR")
+    [cdr] = await calls.cdrs(node_id=calls.node_ids[0])
+    assert (cdr["refusal"], cdr["callee"]) == ("callee_unknown", "551130009999"), cdr
+    assert cdr["caller"] == '55119\n8888","x', cdr
+
+
 async def test_calls_and_cdrs_survive_the_agent_restarting(calls):
     """The call goes on while the agent is away; the restarted agent finds it (live calls
     within 10 s), and its CDR, written by the node meanwhile, is imported once."""

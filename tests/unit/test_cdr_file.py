@@ -66,6 +66,32 @@ def test_a_partly_written_last_line_waits_for_the_next_read(tmp_path):
     assert read_from(path, end) == ([], end)
 
 
+def test_a_record_whose_caller_id_holds_line_breaks_and_quotes_is_read_whole(tmp_path):
+    """Asterisk writes a caller ID from the network as it came: a line break in it is in
+    the file too, inside the field's quotes, and its quotes doubled."""
+    odd = LINE.replace('"1001"', '"55119\n8888"",""x\n"', 1)
+    assert odd != LINE
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_text(LINE + "\n" + odd + "\n" + LINE + "\n")
+    lines, offset = read_from(path, 0)
+    assert lines == [LINE, odd, LINE] and offset == path.stat().st_size
+    parsed = parse_line(odd)
+    assert parsed is not None and parsed.src == '55119\n8888","x\n'
+    # the record arriving in two writes: nothing of it is taken before its end
+    path.write_text(LINE + "\n" + odd[:odd.index("\n") + 1])
+    assert read_from(path, 0) == ([LINE], len(LINE) + 1)
+
+
+def test_a_line_cut_short_is_skipped_and_the_records_after_it_are_read(tmp_path):
+    """A node that stopped mid-write leaves a line whose quote never closes: it must not
+    swallow the records after it."""
+    path = tmp_path / "pbx-cdr.csv"
+    records = [LINE.replace('"1796074653.', f'"17960746{n:02d}.', 1) for n in range(10)]
+    path.write_text(LINE[:70] + "\n" + "\n".join(records) + "\n")
+    lines, offset = read_from(path, 0)
+    assert lines == records and offset == path.stat().st_size
+
+
 async def test_a_file_that_does_not_answer_fails_the_import_in_bounded_time(monkeypatch, tmp_path):
     """A stalled volume holds the import's reading thread, not the event loop: the import
     fails after its timeout, naming the file, while other work goes on."""
