@@ -970,6 +970,9 @@ async def test_audit_entries_written_while_impersonating_name_both_dealers(
         got = [(e["action"], e["actor_id"], e["acting_as_id"]) for e in page["items"]]
         assert got == [("create", op.actor, r1.dealer), ("update", d1.actor, r1.dealer)], (
             reader, got)
+        # which API client an actor above the reader used, and from where, stays its own
+        seen = [(e["client_id"] is not None, e["source_ip"] is not None) for e in page["items"]]
+        assert seen == [(reader == "op",) * 2, (reader in ("op", "D1"),) * 2], (reader, seen)
         by_filter = api.ok(await api.get(
             f"/api/v1/audit?acting_as_id={r1.dealer}&actor_id={d1.actor}&entity=tenant"
             f"&entity_id={tenant['id']}"))

@@ -32,10 +32,15 @@ class Audit(Resource):
     table = "audit_log"
     alias = "a"
     tag = "audit"
-    select_sql = ("SELECT a.id, a.at, a.actor_id, a.acting_as_id, a.client_id,"
-                  " host(a.source_ip) AS source_ip, a.action, a.entity, a.entity_id,"
-                  " a.before, a.after, a.scope_path AS owner_path FROM audit_log a"
-                  " WHERE a.scope_path @> ARRAY[$1]::bigint[]")
+    # A dealer sees who changed its objects; of a dealer above it (its parent acting on
+    # them), not which API client it used nor from which address.
+    select_sql = ("SELECT a.id, a.at, a.actor_id, a.acting_as_id,"
+                  " CASE WHEN mine THEN a.client_id END AS client_id,"
+                  " CASE WHEN mine THEN host(a.source_ip) END AS source_ip, a.action,"
+                  " a.entity, a.entity_id, a.before, a.after, a.scope_path AS owner_path"
+                  " FROM audit_log a CROSS JOIN LATERAL (SELECT coalesce((SELECT d.path @>"
+                  " ARRAY[$1]::bigint[] FROM dealers d WHERE d.id = a.actor_id), false)"
+                  " AS mine) m WHERE a.scope_path @> ARRAY[$1]::bigint[]")
     filters = (
         text_filter("entity", "a.entity = ${}", "object kind, e.g. tenant", max_len=40),
         text_filter("entity_id", "a.entity_id = ${}", "object id", max_len=64),
