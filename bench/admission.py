@@ -927,9 +927,10 @@ class AgiClient:
 
     async def request(self, script: str, args: list[str], channel: str, uniqueid: str,
                       callerid: str) -> tuple[float, dict[str, str]]:
-        payload = self.ENV.format(script=script, port=self.port, channel=channel,
-                                  uniqueid=uniqueid, callerid=callerid) \
-            + "".join(f"agi_arg_{n}: {value}\n" for n, value in enumerate(args, 1)) + "\n"
+        # the arguments in the script's path, as the node's dialplan sends them
+        path = "/".join((script, *args))
+        payload = self.ENV.format(script=path, port=self.port, channel=channel,
+                                  uniqueid=uniqueid, callerid=callerid) + "\n"
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[float, dict[str, str]]] = loop.create_future()
         t0 = time.perf_counter()

@@ -178,6 +178,10 @@ static int ami_login(const char *host, int port, const char *user, const char *s
 static char *env_of(int index, int port, char *out, size_t size) {
     const struct caller *c = &callers[index % n_callers];
     char uniqueid[96]; uniqueid_of(index, uniqueid, sizeof uniqueid);
+    /* the arguments in the script's path, as the node's dialplan sends them */
+    char script_path[512];
+    snprintf(script_path, sizeof script_path, "%s/%s/%s/%s/%s", script, c->tenant,
+             c->direction, c->dialled, c->code);
     snprintf(out, size,
              "agi_network: yes\nagi_network_script: %s\n"
              "agi_request: agi://127.0.0.1:%d/%s\nagi_channel: PJSIP/%s-%08x\n"
@@ -186,10 +190,8 @@ static char *env_of(int index, int port, char *out, size_t size) {
              "agi_callingpres: 0\nagi_callingani2: 0\nagi_callington: 0\nagi_callingtns: 0\n"
              "agi_dnid: unknown\nagi_rdnis: unknown\nagi_context: pbx-call\n"
              "agi_extension: s\nagi_priority: 10\nagi_enhanced: 0.0\nagi_accountcode: \n"
-             "agi_threadid: 140000000000000\n"
-             "agi_arg_1: %s\nagi_arg_2: %s\nagi_arg_3: %s\nagi_arg_4: %s\n\n",
-             script, port, script, c->code, (unsigned)index, uniqueid, c->number, c->tenant, c->direction,
-             c->dialled, c->code);
+             "agi_threadid: 140000000000000\n\n",
+             script_path, port, script_path, c->code, (unsigned)index, uniqueid, c->number);
     return out;
 }
 

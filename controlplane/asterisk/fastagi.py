@@ -1,5 +1,12 @@
-"""A small FastAGI server: Asterisk's `AGI(agi://host:port/script,args...)` asks, a handler
-answers with channel variables to set.
+"""A small FastAGI server: Asterisk's `AGI(agi://host:port/script/arg/arg...)` asks, a
+handler answers with channel variables to set.
+
+The arguments travel in the script's path, never as `AGI(...,args)`: Asterisk writes the
+environment in a fixed order, `agi_network_script` second, and values from the network (a
+caller ID, a Diversion, the dialled text) before the `agi_arg_*` lines, unescaped. A line
+break in one of them can end the environment early or add lines of its own; none can come
+before the script line. So the request is read from its script line, its channel and its
+unique id (all written before any such value), and `agi_arg_*` lines are ignored.
 
 Each request is bounded: the AGI environment must arrive within `read_timeout`, the handler
 must answer within `handler_timeout` (otherwise `on_timeout` answers instead, e.g. the
@@ -27,6 +34,7 @@ MAX_REQUEST = 64 * 1024  # bytes a peer may send unanswered
 BACKLOG = 1024
 # A channel's name as Asterisk makes it (technology/resource-sequence), with nothing an AMI
 # action would read otherwise: no blank or control character, not a /regular expression/.
+MAX_ARGS = 16
 CHANNEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*/[!-~]+")
 REFUSAL_LOG_EVERY = 60.0  # seconds between warnings of requests without the token
 
@@ -34,7 +42,7 @@ REFUSAL_LOG_EVERY = 60.0  # seconds between warnings of requests without the tok
 @dataclass(frozen=True)
 class AgiRequest:
     script: str
-    args: tuple[str, ...]
+    args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -124,14 +132,15 @@ def parse_environment(block: bytes) -> dict[str, str]:
 
 
 def parse_request(env: Mapping[str, str]) -> AgiRequest:
-    script = env.get("agi_network_script", "").strip("/")
-    args = []
-    for n in range(1, 64):
-        value = env.get(f"agi_arg_{n}")
-        if value is None:
-            break
-        args.append(value)
-    return AgiRequest(script=script, args=tuple(args), env=dict(env))
+    """The request as its script line names it: a route and its arguments are split from
+    it once the token is checked (`split_route`)."""
+    return AgiRequest(script=env.get("agi_network_script", "").strip("/"), env=dict(env))
+
+
+def split_route(request: AgiRequest, route: str) -> AgiRequest:
+    """`route` is name/arg/arg...: an empty argument stays, as an empty string."""
+    name, *args = route.split("/")
+    return dataclasses.replace(request, script=name, args=tuple(args[:MAX_ARGS]))
 
 
 class _Exchange(asyncio.Protocol):
@@ -262,12 +271,12 @@ class FastAgiServer:
         """The request with its route as script, or None (logged, at most once a minute)
         when it lacks the token: nothing is answered and nothing decided."""
         if not self.token:
-            return request
+            return split_route(request, request.script)
         token, sep, route = request.script.partition("/")
         if sep and hmac.compare_digest(token.encode(), self.token.encode()):
-            return dataclasses.replace(request, script=route)
-        if not self.token_given and not sep:
-            return request
+            return split_route(request, route)
+        if not self.token_given and token in self.routes:
+            return split_route(request, request.script)
         self.refused += 1
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG_EVERY:

@@ -18,15 +18,16 @@ from controlplane.asterisk.fastagi import (
 
 
 async def ask(port: int, script: str, *args: str, answer_with: bytes = b"200 result=1\n",
-              ) -> tuple[list[str], float]:
+              callerid: str = "1001") -> tuple[list[str], float]:
     """Connect like Asterisk's AGI(agi://...): send the environment, acknowledge every
     command; returns the commands received and how long the exchange took."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    env = [f"agi_network_script: {script}", "agi_channel: PJSIP/100001-00000001",
-           "agi_uniqueid: node-1.1", "agi_callerid: 1001"]
-    env += [f"agi_arg_{n}: {a}" for n, a in enumerate(args, start=1)]
+    # the arguments in the script's path, as the node's dialplan sends them
+    env = [f"agi_network_script: {'/'.join((script, *args))}",
+           "agi_channel: PJSIP/100001-00000001", "agi_uniqueid: node-1.1",
+           f"agi_callerid: {callerid}"]
     writer.write(("\n".join(env) + "\n\n").encode())
     await writer.drain()
     commands = []
@@ -248,9 +249,10 @@ async def test_with_a_token_only_requests_carrying_it_are_decided(caplog):
     try:
         # until the node is given the token, what an earlier agent set is still answered
         assert (await ask(port, "admit"))[0] == ["SET VARIABLE PBX_DECISION \"admit\""]
+        assert (await ask(port, "admit", "7", "internal"))[0] != []
         assert (await ask(port, f"{'0' * 32}/admit"))[0] == []
         server.token_given = True
-        good, _ = await ask(port, f"{token}/admit")
+        good, _ = await ask(port, f"{token}/admit", "7", "internal")
         # no token, a wrong one, the right one on a route that does not exist
         for script in ("admit", f"{'0' * 32}/admit", f"{token[:-1]}x/admit", "/admit"):
             assert (await ask(port, script))[0] == []
@@ -258,11 +260,31 @@ async def test_with_a_token_only_requests_carrying_it_are_decided(caplog):
     finally:
         await server.close()
     assert good == ["SET VARIABLE PBX_DECISION \"admit\""]
-    assert seen == ["admit", "admit"]  # the handler sees the route, never the token
+    assert seen == ["admit"] * 3  # the handler sees the route, never the token
     assert server.refused == 5
     refusals = [r for r in caplog.records if "without this node's token" in r.getMessage()]
     assert len(refusals) == 1  # at most one warning a minute, counting the others
     assert all(token not in r.getMessage() for r in caplog.records)
+
+
+async def test_arguments_come_from_the_script_path_never_from_lines_a_caller_id_can_add():
+    """A caller ID (or Diversion) from the network holding line breaks precedes the
+    agi_arg_* lines: it can end the environment early and write arguments of its own. The
+    handler must see only those of the script's path."""
+    seen = []
+
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        seen.append(req.args)
+        return {"PBX_DECISION": "refuse", "PBX_SIP_CODE": "404"}
+
+    server, port = await serve(admit)
+    forged = "1\nagi_arg_1:\nagi_arg_2: external\nagi_arg_3: 5511999999999\n" \
+        "agi_arg_4: 654321\n"
+    try:
+        await ask(port, "admit", "7", "internal", "7002", "100001", callerid=forged)
+    finally:
+        await server.close()
+    assert seen == [("7", "internal", "7002", "100001")]
 
 
 @pytest.mark.parametrize("block", [
