@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,10 @@ FIRST_COLUMNS = 16  # the oldest lines'
 EARLIEST, LATEST = 946684800.0, 4102444800.0  # 2000-01-01, 2100-01-01
 LONGEST = 1e8  # seconds from a record's start to its end (the CDR's columns hold less than 1e9)
 MAX_CHUNK = 1 << 20
-MAX_RECORD_LINES = 8  # lines one record may span (see read_from)
+MAX_RECORD_LINES = 64  # lines one record may span (see read_from)
+# A record as cdr_custom writes it: every field quoted, a quote inside one doubled. Text a
+# caller put into a field (its quotes doubled too) can never form one on its own.
+RECORD = re.compile(rb'"(?:[^"]|"")*"(?:,"(?:[^"]|"")*")*')
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,15 @@ def state(path: Path) -> tuple[str, int] | None:
     return f"{st.st_dev}:{st.st_ino}", st.st_size
 
 
+def _whole(raw: bytes) -> bool:
+    """A line that is by itself a record of ours: what a caller put inside a field never
+    is (its quotes doubled, it forms fields of quotes at most, and never enough of them)."""
+    if not RECORD.fullmatch(raw):
+        return False
+    fields = next(csv.reader([raw.decode("utf-8", "replace")]))
+    return len(fields) >= FIRST_COLUMNS and any(f.strip('"') for f in fields)
+
+
 def read_from(path: Path, offset: int) -> tuple[list[str], int]:
     """Complete records from `offset` (a partly written last one waits for the next read),
     and the offset after them.
@@ -128,8 +141,10 @@ def read_from(path: Path, offset: int) -> tuple[list[str], int]:
     Every field is quoted (quotes inside doubled), and a field may hold a line break: a
     caller ID from the network is written as it came. A record therefore ends at the first
     line break after an even number of quotes. A line whose quote stays open for
-    MAX_RECORD_LINES lines was cut short (a node that stopped mid-write): it is skipped
-    and the next line read as a record's start."""
+    MAX_RECORD_LINES lines, or until a later line is a whole record, was cut short (a
+    node that stopped mid-write), and lines that
+    end their quotes without forming a RECORD are not one of ours: either way the first
+    line is skipped and the next one read as a record's start."""
     with open(path, "rb") as fh:
         fh.seek(offset)
         chunk = fh.read(MAX_CHUNK)
@@ -149,11 +164,14 @@ def read_from(path: Path, offset: int) -> tuple[list[str], int]:
             if quotes % 2 == 0:
                 break
         if quotes % 2 == 0:
-            text = b"\n".join(pieces[i:j]).decode("utf-8", "replace")
-            if text.strip():
-                records.append(text)
-            taken, i = taken + size, j
-        elif j - i >= MAX_RECORD_LINES:
+            raw = b"\n".join(pieces[i:j])
+            if RECORD.fullmatch(raw):
+                records.append(raw.decode("utf-8", "replace"))
+                taken, i = taken + size, j
+            else:
+                taken, i = taken + len(pieces[i]) + 1, i + 1
+        elif j - i >= MAX_RECORD_LINES or any(_whole(pieces[k]) for k in range(i + 1, j)):
+            # a whole record of ours on a later line: this one was cut short
             taken, i = taken + len(pieces[i]) + 1, i + 1
         else:
             break  # its quote is still open where the file ends: the rest is on its way

@@ -92,6 +92,29 @@ def test_a_line_cut_short_is_skipped_and_the_records_after_it_are_read(tmp_path)
     assert lines == records and offset == path.stat().st_size
 
 
+@pytest.mark.parametrize("breaks", [9, 70])
+def test_text_a_caller_put_in_a_record_never_reads_as_a_record_of_its_own(tmp_path, breaks):
+    """A caller ID with line breaks (more than a record may span, in the second case) and a
+    line of CDR columns in it: the forged line is never taken for a record, and every
+    record after it is read at once."""
+    forged = "zz,,,1.7e9,1.7e9,1.7000036e9,,,ANSWERED,5511,5521,,,7,,outbound"
+    caller = "A\n" + forged + "\n" * breaks + '"",""' + "\n"
+    hostile = LINE.replace('"1001"', '"' + caller.replace('"', '""') + '"', 1)
+    after = [LINE.replace('"1796074653.', f'"17960746{n:02d}.', 1) for n in range(3)]
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_text(hostile + "\n" + "\n".join(after) + "\n")
+    lines, offset = read_from(path, 0)
+    assert offset == path.stat().st_size
+    parsed = [line for line in lines if parse_line(line) is not None]
+    if breaks < 64:
+        assert parsed == [hostile] + after
+        hostile_line = parse_line(hostile)
+        assert hostile_line is not None and hostile_line.src == caller
+    else:  # the record is lost (it could not be told from a line cut short), nothing else
+        assert parsed == after
+    assert not any(forged in line and line.startswith("zz") for line in lines)
+
+
 async def test_a_file_that_does_not_answer_fails_the_import_in_bounded_time(monkeypatch, tmp_path):
     """A stalled volume holds the import's reading thread, not the event loop: the import
     fails after its timeout, naming the file, while other work goes on."""
