@@ -5,6 +5,7 @@ imported exactly once from the nodes' files, live calls, DIDs from the carrier."
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
@@ -19,7 +20,15 @@ from controlplane.db.pool import create_pool
 from controlplane.provisioning.agent import NodeAgent
 from controlplane.provisioning.desired import load_node
 from controlplane.sandbox import SandboxNode
-from tests.e2e.sipp import Phone, SippRun, next_port, refused_scenario, register, sipp
+from tests.e2e.sipp import (
+    SCENARIOS,
+    Phone,
+    SippRun,
+    next_port,
+    refused_scenario,
+    register,
+    sipp,
+)
 from tests.pg_relay import PgRelay
 
 pytestmark = pytest.mark.e2e
@@ -387,6 +396,40 @@ async def test_a_dialled_string_cannot_run_dialplan_functions(calls):
     await until(refused, "the refused call's CDR")
     [cdr] = await calls.cdrs(tenant_id=tenant["id"])
     assert (cdr["refusal"], cdr["sip_code"]) == ("number_invalid", 404)
+
+
+def contact_scenario(user: str) -> str:
+    """register.xml registering `user` as its Contact's user part (what a phone chooses)."""
+    text = (SCENARIOS / "register.xml").read_text(encoding="iso-8859-1")
+    contact = "Contact: <sip:[field0]@[local_ip]:[local_port]>"
+    assert text.count(contact) == 2
+    path = Path(tempfile.gettempdir()) / "pbx-register-contact.xml"
+    path.write_text(text.replace(contact, f"Contact: <sip:{user}@[local_ip]:[local_port]>"),
+                    encoding="iso-8859-1")
+    return str(path)
+
+
+async def test_a_contact_a_phone_registers_never_dials_anything_else(calls):
+    """A phone chooses the user part of the Contact it registers, and SIP lets it hold & ,
+    ( ): none of that may make a call to its extension ring another tenant's endpoint."""
+    world, victim_world = await calls.customer(), await calls.customer()
+    tenant, registrar = world["tenants"][0]
+    victim, victim_registrar = victim_world["tenants"][0]
+    _, caller = await calls.phone(tenant, registrar, "7601", credit=None)
+    _, hostile = await calls.phone(tenant, registrar, "7602", credit=None)
+    _, target = await calls.phone(victim, victim_registrar, "7603", credit=None)
+    await calls.settle()
+    victim_port = next_port()
+    assert (await register(target, port=victim_port)).ok
+    rings = asyncio.create_task(sipp("uas_answer.xml", None, [target.row()], port=victim_port,
+                                     timeout=6))
+    hostile_port = next_port()
+    user = f"1&PJSIP/{target.username}&PJSIP/x"
+    run = await sipp(contact_scenario(user), f"{registrar}:5060", [hostile.row()],
+                     port=hostile_port, timeout=5)
+    assert run.ok, run.output  # the node takes such a contact: what matters is the call
+    await place(caller, "7602", hold_ms=500, scenario="uac_call.xml", timeout=8)
+    assert not (await rings).ok, "the other tenant's phone rang"
 
 
 async def test_refusals_answer_with_the_sip_code_of_their_reason(calls):
