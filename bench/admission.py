@@ -560,7 +560,10 @@ def bypass_dialplan(world: World) -> str:
     return "\n".join([
         "; bench/admission.py: admission bypassed, for comparison. Not product configuration.",
         f"[t{t}-internal]",
-        f"exten => _{BYPASS_DIGIT}XXXXXXXX,1,Gosub(bench-bypass,s,1({t},${{EXTEN:1}}))",
+        # the tenant context's own checks of what was dialled (dialplan_templates)
+        f"exten => _{BYPASS_DIGIT}XXXXXXXX,1,Gosub(bench-bypass,s,1({t},"
+        "${FILTER(0123456789+,${EXTEN:1})},${IF($[${LEN(${FILTER(0123456789+,${EXTEN:1})})}"
+        " = ${LEN(${EXTEN:1})}]?ok:invalid)}))",
         " same => n,Hangup()",
         "",
         "[bench-bypass]",
