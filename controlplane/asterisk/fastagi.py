@@ -30,7 +30,11 @@ from typing import cast
 log = logging.getLogger(__name__)
 
 MAX_HEADER_LINES = 200
-MAX_REQUEST = 64 * 1024  # bytes a peer may send unanswered
+MAX_REQUEST = 16 * 1024  # bytes a peer may send unanswered (an environment is ~1 KiB)
+# Exchanges open at once: far more than a node's admissions in flight, far fewer than what
+# would exhaust the agent's file descriptors or memory if anything else floods the port.
+MAX_EXCHANGES = 512
+FAILURE_LOG_EVERY = 10.0  # seconds between warnings of failed requests, counted
 BACKLOG = 1024
 # A channel's name as Asterisk makes it (technology/resource-sequence), with nothing an AMI
 # action would read otherwise: no blank or control character, not a /regular expression/.
@@ -226,6 +230,8 @@ class FastAgiServer:
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.served = 0
+        self.failed = 0  # requests ended by a protocol error, a timeout, or the cap
+        self._failure_logged = float("-inf")
 
     async def start(self, host: str, port: int) -> int:
         # Asterisk opens a connection per AGI request: a burst of calls must not overflow
@@ -245,6 +251,11 @@ class FastAgiServer:
             task.cancel()
 
     def _start(self, exchange: _Exchange) -> None:
+        if len(self._tasks) >= MAX_EXCHANGES:
+            assert exchange.transport is not None
+            exchange.transport.abort()  # the dialplan then follows the node's policy
+            self._failed(f"{MAX_EXCHANGES} exchanges already open")
+            return
         task = asyncio.get_running_loop().create_task(self._serve(exchange))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -260,12 +271,20 @@ class FastAgiServer:
             await self._set_variables(exchange, answer)
             self.served += 1
         except TimeoutError:
-            log.warning("FastAGI: Asterisk did not finish the exchange in %.1fs",
-                        self.read_timeout)
+            self._failed(f"the peer did not finish the exchange in {self.read_timeout:.1f}s")
         except (AgiProtocolError, ConnectionError, ValueError) as exc:
-            log.warning("FastAGI request failed: %r", exc)
+            self._failed(repr(exc))
         finally:
             exchange.close()
+
+    def _failed(self, why: str) -> None:
+        """Counted; logged at most every FAILURE_LOG_EVERY seconds, so that a flood of bad
+        requests cannot flood the log."""
+        self.failed += 1
+        now = time.monotonic()
+        if now - self._failure_logged >= FAILURE_LOG_EVERY:
+            self._failure_logged = now
+            log.warning("FastAGI request failed: %s (%d failed so far)", why, self.failed)
 
     def _authorised(self, request: AgiRequest) -> AgiRequest | None:
         """The request with its route as script, or None (logged, at most once a minute)

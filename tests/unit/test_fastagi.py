@@ -308,3 +308,33 @@ def test_a_plain_environment_is_read_whole():
                             b"agi_arg_1: 7\nagi_arg_2: internal\n")
     assert env == {"agi_channel": "PJSIP/100001-0000000a", "agi_callerid": "1001",
                    "agi_arg_1": "7", "agi_arg_2": "internal"}
+
+
+async def test_connections_beyond_the_cap_are_closed_and_counted_not_each_logged(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """Anything that can reach the port could open connections and send nothing: beyond
+    MAX_EXCHANGES they are closed at once, and failures are logged in one line at a time."""
+    from controlplane.asterisk import fastagi
+
+    monkeypatch.setattr(fastagi, "MAX_EXCHANGES", 2)
+
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {"PBX_DECISION": "admit"}
+
+    server, port = await serve(admit, read_timeout=0.5)
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed unanswered
+        writer.close()
+        assert server.failed == 1
+        await asyncio.sleep(0.8)  # the silent ones time out and free their places
+        assert (await ask(port, "admit"))[0] == ['SET VARIABLE PBX_DECISION "admit"']
+    finally:
+        for _, w in idle:
+            w.close()
+        await server.close()
+    assert server.failed == 3
+    failures = [r for r in caplog.records if "FastAGI request failed" in r.getMessage()]
+    assert len(failures) == 1 and "3 failed" not in failures[0].getMessage()
