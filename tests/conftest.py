@@ -6,6 +6,7 @@ names another one, whose `public` schema the tests then own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -62,8 +63,18 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture
 async def db(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
     """An empty database (schema kept) for each test."""
-    async with pool.acquire() as conn:
-        await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    # Work a previous test left behind (a decision still being released, say) may hold a
+    # table TRUNCATE wants while waiting for one it already took: PostgreSQL then ends one
+    # of the two; TRUNCATE tries again once that work is done.
+    for attempt in range(5):
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+            break
+        except asyncpg.DeadlockDetectedError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.2)
     yield pool
 
 
