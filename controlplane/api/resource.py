@@ -16,7 +16,7 @@ from aiohttp import web
 
 from controlplane.api.fields import FieldError, Schema, ValidationFailed, is_ascii_digits
 from controlplane.api.keys import POOL, PRINCIPAL
-from controlplane.api.problems import ApiError, from_validation, invalid, not_found
+from controlplane.api.problems import ApiError, forbidden, from_validation, invalid, not_found
 from controlplane.api.routes import QueryParam, RouteTable
 from controlplane.model.principal import Principal
 from controlplane.store import audit
@@ -155,6 +155,13 @@ async def read_json(request: web.Request) -> Any:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "Malformed JSON", f"the body is not valid JSON ({exc})",
                        kind="malformed") from exc
+
+
+def require_operator(p: Principal, detail: str) -> None:
+    """403 with `detail` unless the caller is the platform operator itself (impersonating
+    no one): what belongs to the platform's infrastructure."""
+    if not p.is_operator:
+        raise forbidden(detail)
 
 
 async def managed_owner(conn: asyncpg.Connection, p: Principal, data: dict[str, Any],

@@ -36,9 +36,9 @@ MAX_REQUEST = 16 * 1024  # bytes a peer may send unanswered (an environment is ~
 MAX_EXCHANGES = 512
 FAILURE_LOG_EVERY = 10.0  # seconds between warnings of failed requests, counted
 BACKLOG = 1024
+MAX_ARGS = 16  # of a route (script/arg/arg...)
 # A channel's name as Asterisk makes it (technology/resource-sequence), with nothing an AMI
 # action would read otherwise: no blank or control character, not a /regular expression/.
-MAX_ARGS = 16
 CHANNEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*/[!-~]+")
 REFUSAL_LOG_EVERY = 60.0  # seconds between warnings of requests without the token
 
@@ -147,6 +147,20 @@ def split_route(request: AgiRequest, route: str) -> AgiRequest:
     return dataclasses.replace(request, script=name, args=tuple(args[:MAX_ARGS]))
 
 
+class Throttle:
+    """True at most once every `every` seconds: a warning that counts what it left out."""
+
+    def __init__(self, every: float) -> None:
+        self.every, self.last = every, float("-inf")
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return True
+
+
 class _Exchange(asyncio.Protocol):
     """One FastAGI connection, read straight from its transport: Asterisk sends the whole
     environment at once, so it is parsed in one piece rather than line by line."""
@@ -224,14 +238,14 @@ class FastAgiServer:
         self.token = token
         self.token_given = False
         self.refused = 0
-        self._refusal_logged = float("-inf")
+        self._refusal_logged = Throttle(REFUSAL_LOG_EVERY)
         self.on_timeout, self.on_abandoned = on_timeout, on_abandoned
         self.handler_timeout, self.read_timeout = handler_timeout, read_timeout
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.served = 0
         self.failed = 0  # requests ended by a protocol error, a timeout, or the cap
-        self._failure_logged = float("-inf")
+        self._failure_logged = Throttle(FAILURE_LOG_EVERY)
 
     async def start(self, host: str, port: int) -> int:
         # Asterisk opens a connection per AGI request: a burst of calls must not overflow
@@ -281,9 +295,7 @@ class FastAgiServer:
         """Counted; logged at most every FAILURE_LOG_EVERY seconds, so that a flood of bad
         requests cannot flood the log."""
         self.failed += 1
-        now = time.monotonic()
-        if now - self._failure_logged >= FAILURE_LOG_EVERY:
-            self._failure_logged = now
+        if self._failure_logged.due():
             log.warning("FastAGI request failed: %s (%d failed so far)", why, self.failed)
 
     def _authorised(self, request: AgiRequest) -> AgiRequest | None:
@@ -297,9 +309,7 @@ class FastAgiServer:
         if not self.token_given and token in self.routes:
             return split_route(request, request.script)
         self.refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
-            self._refusal_logged = now
+        if self._refusal_logged.due():
             log.warning("FastAGI: %d requests without this node's token refused so far"
                         " (the node's PBX_AGI is out of date, or someone else connects)",
                         self.refused)

@@ -141,10 +141,10 @@ def read_from(path: Path, offset: int) -> tuple[list[str], int]:
     Every field is quoted (quotes inside doubled), and a field may hold a line break: a
     caller ID from the network is written as it came. A record therefore ends at the first
     line break after an even number of quotes. A line whose quote stays open for
-    MAX_RECORD_LINES lines, or until a later line is a whole record, was cut short (a
-    node that stopped mid-write), and lines that
-    end their quotes without forming a RECORD are not one of ours: either way the first
-    line is skipped and the next one read as a record's start."""
+    MAX_RECORD_LINES lines, or until a later line is a whole record, was cut short (a node
+    that stopped mid-write); lines that close their quotes without forming a RECORD are not
+    one of ours. Either way the first line is skipped and the next read as a record's
+    start."""
     with open(path, "rb") as fh:
         fh.seek(offset)
         chunk = fh.read(MAX_CHUNK)

@@ -370,8 +370,6 @@ class NodeAgent:
         # The first time, also for files a stopped agent wrote and had no time to load.
         if changed or self.reconciles == 0:
             await self._reload_dialplan()
-            if not self.dialplan_dirty.is_set():
-                self.dialplan_loaded.set()
         self.reconciles += 1
         await self._note_reconciled()
         done = {"extensions": len(want), "applied": self.applied - before,
@@ -441,8 +439,6 @@ class NodeAgent:
                 return
             try:
                 await self._reload_dialplan()
-                if not self.dialplan_dirty.is_set():
-                    self.dialplan_loaded.set()
             except AmiUnavailable as exc:
                 log.warning("node %s: dialplan reload failed (%s); retrying", self.node.name,
                             exc)
@@ -452,6 +448,8 @@ class NodeAgent:
     async def _reload_dialplan(self) -> None:
         started = asyncio.get_running_loop().time()
         await self.ami.command("dialplan reload", timeout=60)
+        if not self.dialplan_dirty.is_set():  # nothing written since it began
+            self.dialplan_loaded.set()
         self.dialplan_reloads = getattr(self, "dialplan_reloads", 0) + 1
         log.info("node %s: dialplan reloaded in %.3fs", self.node.name,
                  asyncio.get_running_loop().time() - started)

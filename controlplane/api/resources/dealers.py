@@ -25,6 +25,7 @@ from controlplane.api.resource import (
     principal_of,
     read_json,
     register_crud,
+    require_operator,
     subtree_filter,
     text_filter,
     validate,
@@ -67,10 +68,13 @@ COLUMNS = ("id, parent_id, path, level::text AS level, name, login, active, bran
            " credit_limit::text AS credit_limit, created_at, updated_at")
 
 
-def _check_registration_address(p: Principal, data: dict[str, Any]) -> None:
-    """An IP address as registration address is added to the node's network interface and
-    bound by a SIP transport there: only the operator, who runs the nodes' networks, picks
-    one, and only a unicast address a transport can bind. A host name binds nothing."""
+def _check_node_fields(p: Principal, data: dict[str, Any]) -> None:
+    """The node a dealer's tenants live on, and an IP address as registration address (it
+    is added to the node's network interface and bound by a SIP transport there), are the
+    operator's to pick, who runs the nodes and their networks; and only a unicast address a
+    transport can bind. A host name binds nothing."""
+    if "node_id" in data:
+        require_operator(p, "only the platform operator assigns SIP server nodes")
     raw = data.get("registration_address")
     if raw is None:
         return
@@ -82,8 +86,7 @@ def _check_registration_address(p: Principal, data: dict[str, Any]) -> None:
         raise invalid([("/registration_address",
                         "must be a unicast address a SIP server can bind (not 0.0.0.0, "
                         "multicast, broadcast, reserved or link-local)")])
-    if not p.is_operator:
-        raise forbidden("only the platform operator assigns IP addresses on SIP server nodes;"
+    require_operator(p, "only the platform operator assigns IP addresses on SIP server nodes;"
                         " a host name may be set here")
 
 
@@ -114,9 +117,7 @@ class Dealers(Resource):
         parent_id = data.setdefault("parent_id", p.scope_id)
         if await self.get(conn, p, parent_id) is None:
             raise invalid([("/parent_id", "is not a dealer you manage")])
-        if "node_id" in data and not p.is_operator:
-            raise forbidden("only the platform operator assigns SIP server nodes")
-        _check_registration_address(p, data)
+        _check_node_fields(p, data)
         data["password_hash"] = await hash_password(data.pop("password"))
         return data
 
@@ -127,9 +128,7 @@ class Dealers(Resource):
             if refused:
                 raise forbidden("a dealer cannot change its own " + ", ".join(refused)
                                 + "; its parent does")
-        if "node_id" in data and not p.is_operator:
-            raise forbidden("only the platform operator assigns SIP server nodes")
-        _check_registration_address(p, data)
+        _check_node_fields(p, data)
         if "password" in data:
             data["password_hash"] = await hash_password(data.pop("password"))
             await credentials.revoke_dealer_tokens(conn, current["id"])

@@ -7,8 +7,14 @@ from typing import Any
 import asyncpg
 
 from controlplane.api import fields as F
-from controlplane.api.problems import conflict, forbidden
-from controlplane.api.resource import RawJson, Resource, register_crud, text_filter
+from controlplane.api.problems import conflict
+from controlplane.api.resource import (
+    RawJson,
+    Resource,
+    register_crud,
+    require_operator,
+    text_filter,
+)
 from controlplane.api.routes import RouteTable
 from controlplane.model.principal import Principal
 
@@ -35,8 +41,7 @@ class OperatorOnly(Resource):
     what = "this"
 
     def _operator_only(self, p: Principal) -> None:
-        if not p.is_operator:
-            raise forbidden(f"{self.what} are managed by the platform operator only")
+        require_operator(p, f"{self.what} are managed by the platform operator only")
 
     async def get(self, conn: asyncpg.Connection, p: Principal, key: int, *,
                   lock: bool = False) -> asyncpg.Record | None:

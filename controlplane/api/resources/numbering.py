@@ -11,7 +11,7 @@ from aiohttp import web
 from controlplane.api import fields as F
 from controlplane.api.fields import FieldError, is_ascii_digits
 from controlplane.api.keys import POOL
-from controlplane.api.problems import conflict, forbidden, invalid
+from controlplane.api.problems import conflict, invalid
 from controlplane.api.resource import (
     MAX_PAGE,
     Resource,
@@ -21,6 +21,7 @@ from controlplane.api.resource import (
     path_id,
     principal_of,
     register_crud,
+    require_operator,
     subtree_filter,
     text_filter,
 )
@@ -81,8 +82,7 @@ NUMBERING = frozenset({"country_code", "area_code", "first_number", "last_number
 
 
 def _operator_only(p: Principal, what: str) -> None:
-    if not p.is_operator:
-        raise forbidden(f"only the platform operator {what}; it allots them to dealers")
+    require_operator(p, f"only the platform operator {what}; it allots them to dealers")
 
 
 async def _no_overlap(conn: asyncpg.Connection, data: dict[str, Any], own: int | None) -> None:
