@@ -40,6 +40,7 @@ MAX_ARGS = 16  # of a route (script/arg/arg...)
 # A channel's name as Asterisk makes it (technology/resource-sequence), with nothing an AMI
 # action would read otherwise: no blank or control character, not a /regular expression/.
 CHANNEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*/[!-~]+")
+HANGUP_LINE = b"HANGUP"  # Asterisk's line to a FastAGI server whose channel hung up
 REFUSAL_LOG_EVERY = 60.0  # seconds between warnings of requests without the token
 
 
@@ -69,8 +70,18 @@ Fallback = Callable[[AgiRequest], Mapping[str, str]]
 Abandoned = Callable[[AgiRequest, "asyncio.Task[Mapping[str, str]]"], None]
 
 
+# Told of a request whose channel hung up while it was answered (Asterisk said so before it
+# acknowledged the variables): the dialplan goes no further, so what the answer started
+# (an admitted call, say) will never go on.
+HungUp = Callable[[AgiRequest, Mapping[str, str]], None]
+
+
 def cancel(request: AgiRequest, task: asyncio.Task[Mapping[str, str]]) -> None:
     task.cancel()
+
+
+def ignore(request: AgiRequest, answer: Mapping[str, str]) -> None:
+    pass
 
 
 def node_token(secret: str, node: str) -> str:
@@ -228,8 +239,9 @@ class _Exchange(asyncio.Protocol):
 
 class FastAgiServer:
     def __init__(self, routes: Mapping[str, Handler], *, on_timeout: Fallback,
-                 on_abandoned: Abandoned = cancel, handler_timeout: float = 1.0,
-                 read_timeout: float = 2.0, token: str = "") -> None:
+                 on_abandoned: Abandoned = cancel, on_hung_up: HungUp = ignore,
+                 handler_timeout: float = 1.0, read_timeout: float = 2.0,
+                 token: str = "") -> None:
         self.routes = dict(routes)
         # with a token, a script is "<token>/<route>"; a request without it is not answered,
         # once the node was given the token (`token_given`): until then, a node still
@@ -240,6 +252,8 @@ class FastAgiServer:
         self.refused = 0
         self._refusal_logged = Throttle(REFUSAL_LOG_EVERY)
         self.on_timeout, self.on_abandoned = on_timeout, on_abandoned
+        self.on_hung_up = on_hung_up
+        self.hung_up = 0  # requests whose channel hung up before they were answered
         self.handler_timeout, self.read_timeout = handler_timeout, read_timeout
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -282,7 +296,9 @@ class FastAgiServer:
             if request is None:
                 return
             answer = await self._answer(request)
-            await self._set_variables(exchange, answer)
+            if await self._set_variables(exchange, answer):
+                self.hung_up += 1
+                self.on_hung_up(request, answer)
             self.served += 1
         except TimeoutError:
             self._failed(f"the peer did not finish the exchange in {self.read_timeout:.1f}s")
@@ -336,9 +352,11 @@ class FastAgiServer:
             log.exception("FastAGI %s failed: answering by policy", request.script)
             return self.on_timeout(request)
 
-    async def _set_variables(self, exchange: _Exchange, variables: Mapping[str, str]) -> None:
+    async def _set_variables(self, exchange: _Exchange, variables: Mapping[str, str]) -> bool:
+        """Send `variables` to the channel; returns whether Asterisk said the channel hung up
+        meanwhile."""
         if not variables:
-            return
+            return False
         packed = pack(variables) if len(variables) > 1 else None
         if packed is not None:
             variables = {PACKED: packed}
@@ -354,11 +372,22 @@ class FastAgiServer:
         # end right after the command, leaves the AGI as soon as it has run it, without
         # waiting for this process to read its acknowledgement and close (a turn of this
         # event loop, which other calls' work may hold up). The acknowledgement is still read.
+        hung_up = False
         async with asyncio.timeout(self.read_timeout):
             for n, command in enumerate(commands, 1):
                 exchange.write(command)
                 if n == len(commands):
                     exchange.write_eof()
                 reply = await exchange.read_until(b"\n")
+                # A channel that hangs up while its request is answered (the caller gave
+                # up) gets the AGI a line of its own, once, ahead of a command's reply. The
+                # command still runs (SET VARIABLE does on a hung-up channel; 511 is the
+                # answer of one that does not), but the dialplan goes no further.
+                while reply == HANGUP_LINE:
+                    hung_up = True
+                    reply = await exchange.read_until(b"\n")
+                if hung_up and reply.startswith(b"511"):
+                    return True
                 if not reply.startswith(b"200"):
                     raise AgiProtocolError(f"Asterisk answered {reply[:80]!r}")
+        return hung_up

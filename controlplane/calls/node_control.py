@@ -113,6 +113,7 @@ class CallControl:
         self.agi = FastAgiServer({"admit": self._admit, "answer": self._answer},
                                  on_timeout=self._on_timeout,
                                  on_abandoned=self._on_abandoned,
+                                 on_hung_up=self._on_hung_up,
                                  handler_timeout=config.decision_timeout, token=agi_token)
         self.agi_url = ""
         self.carriers_dirty = asyncio.Event()
@@ -253,21 +254,38 @@ class CallControl:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("node %s: a decision given up on failed", self.node_name, exc_info=exc)
         if call_id is not None:
-            self._in_background(self._release_abandoned(call_id))
+            self._in_background(self._release_abandoned(
+                call_id, "was admitted after its node was answered by policy"))
 
-    async def _release_abandoned(self, call_id: uuid.UUID) -> None:
+    def _on_hung_up(self, req: AgiRequest, answer: Mapping[str, str]) -> None:
+        """The caller hung up while its call was admitted: the call will never ring, and
+        what it took is given back now rather than when its lease lapses (its node's CDR
+        cannot say which call it was: the dialplan stopped before recording it)."""
+        if req.script != "admit" or answer.get("PBX_DECISION") != "admit":
+            return
+        try:
+            call_id = uuid.UUID(answer.get("PBX_CALL", ""))
+        except ValueError:
+            return
+        self._in_background(self._release_abandoned(
+            call_id, "was left by its caller while it was admitted", quiet=True))
+
+    async def _release_abandoned(self, call_id: uuid.UUID, why: str, *,
+                                 quiet: bool = False) -> None:
+        """Give back the slots and reservation of a call that will never ring; `quiet`: a
+        release is part of normal traffic, logged only at debug level."""
         try:
             async with self.pool.acquire(timeout=self.config.lease) as conn:
                 released = await store.release_abandoned(conn, call_id,
                                                          timeout=self.config.lease)
         except DB_ERRORS as exc:
-            log.warning("node %s: call %s, admitted after its node was answered by policy, "
-                        "not released (%s): its lease will release it", self.node_name,
-                        call_id, describe(exc, self.config.lease))
+            log.warning("node %s: call %s, which %s, not released (%s): its lease will "
+                        "release it", self.node_name, call_id, why,
+                        describe(exc, self.config.lease))
             return
         if released:
-            log.warning("node %s: call %s was admitted after its node was answered by "
-                        "policy; released", self.node_name, call_id)
+            log.log(logging.DEBUG if quiet else logging.WARNING, "node %s: call %s %s; "
+                    "released", self.node_name, call_id, why)
 
     async def _answer(self, req: AgiRequest) -> Mapping[str, str]:
         grant = await self._record_answer(req.args[0] if req.args else "", req.channel)

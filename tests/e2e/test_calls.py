@@ -751,6 +751,40 @@ async def test_api_hangs_up_a_call_in_progress(calls):
         < 0.03
 
 
+async def test_a_caller_who_gives_up_during_admission_frees_the_call_at_once(calls):
+    """The caller CANCELs while the decision waits for the database: Asterisk tells the
+    FastAGI exchange (HANGUP) and the dialplan stops before the call rings. The agent gives
+    the call's slots and reservation back then, not when its 30 s lease lapses."""
+    await calls.stop_agent(0)
+    calls.decision_timeout = 10.0  # the decision waits for the test, not for the policy
+    agent = await calls.start_agent(0)
+    world, tenant, ext, phone = await calls.outbound_caller()
+    async with calls.db.acquire() as blocker, blocker.transaction():
+        # the admission reserves credit on this account: it waits until the test lets go
+        await blocker.execute("SELECT 1 FROM credit_accounts WHERE extension_id = $1"
+                              " FOR UPDATE", ext["id"])
+        given_up = await place(phone, "33334444", hold_ms=300, scenario="uac_cancel.xml")
+        assert given_up.ok, given_up.output  # 200 to the CANCEL, 487 to the INVITE
+        waiting = await calls.db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%admit_call_checked%'")
+        assert waiting == 1  # the decision was on its way when the caller left
+    loop = asyncio.get_running_loop()
+    released_at = loop.time()
+
+    async def released() -> bool:
+        async with calls.db.acquire() as conn:
+            left = await conn.fetchval("SELECT count(*) FROM calls")
+        return left == 0 and agent.calls.agi.hung_up == 1
+
+    await until(released, "the call to be released", within=5)
+    assert loop.time() - released_at < calls.lease / 3
+    assert all(active == 0 for active in (await calls.counters()).values())
+    account = calls.api.ok(await calls.api.get(f"/api/v1/extensions/{ext['id']}/credit"))
+    assert Decimal(account["reserved"]) == 0 and Decimal(account["balance"]) == 50
+    assert agent.calls.agi.failed == 0
+
+
 async def test_a_hangup_asked_while_no_agent_listens_is_carried_out_when_it_returns(calls):
     """The NOTIFY of a hang-up reaches no agent while it is away; the request stays with the
     call, and the agent, back, hangs the call up at its first lease renewal."""

@@ -338,3 +338,42 @@ async def test_connections_beyond_the_cap_are_closed_and_counted_not_each_logged
     assert server.failed == 3
     failures = [r for r in caplog.records if "FastAGI request failed" in r.getMessage()]
     assert len(failures) == 1 and "3 failed" not in failures[0].getMessage()
+
+
+@pytest.mark.parametrize("acknowledgement", [b"200 result=1\n", b"511 Command Not Permitted\n"])
+async def test_a_channel_hung_up_while_it_was_answered_is_told_not_failed(acknowledgement):
+    """Asterisk writes HANGUP ahead of the reply when the caller leaves during the decision:
+    the exchange ends normally and the server is told, with the answer it gave."""
+    told = []
+
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {"PBX_DECISION": "admit", "PBX_CALL": "c-1"}
+
+    server = FastAgiServer({"admit": admit}, on_timeout=policy,
+                           on_hung_up=lambda req, answer: told.append((req.uniqueid, answer)))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        commands, _ = await ask(port, "admit", answer_with=b"HANGUP\n" + acknowledgement)
+        await asyncio.sleep(0.05)
+    finally:
+        await server.close()
+    assert commands == ['SET VARIABLE PBX_R "PBX_DECISION,PBX_CALL|admit,c-1"']
+    assert (server.served, server.failed, server.hung_up) == (1, 0, 1)
+    assert told == [("node-1.1", {"PBX_DECISION": "admit", "PBX_CALL": "c-1"})]
+
+
+async def test_a_refusal_after_a_hang_up_is_still_a_failure():
+    told = []
+
+    async def admit(req: AgiRequest) -> Mapping[str, str]:
+        return {"PBX_DECISION": "admit"}
+
+    server = FastAgiServer({"admit": admit}, on_timeout=policy,
+                           on_hung_up=lambda req, answer: told.append(answer))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        await ask(port, "admit", answer_with=b"HANGUP\n520 Invalid command\n")
+        await asyncio.sleep(0.05)
+    finally:
+        await server.close()
+    assert (server.served, server.failed, told) == (0, 1, [])
