@@ -324,7 +324,7 @@ async def test_a_decision_given_up_on_is_cancelled_and_undone_if_it_may_commit(
     calls = control()
     released: list[uuid.UUID] = []
 
-    async def release(call_id: uuid.UUID) -> None:
+    async def release(call_id: uuid.UUID, why: str, *, quiet: bool = False) -> None:
         released.append(call_id)
 
     monkeypatch.setattr(calls, "_release_abandoned", release)
@@ -346,3 +346,30 @@ async def test_a_decision_given_up_on_is_cancelled_and_undone_if_it_may_commit(
         await asyncio.sleep(0)
     assert task.cancelled()
     assert released == ([call_id] if in_statement else [])
+
+
+@pytest.mark.parametrize("script,decision,call,released_expected", [
+    ("admit", "admit", "uuid", True),
+    ("admit", "refuse", "uuid", False),
+    ("admit", "admit", "not-a-uuid", False),
+    ("answer", "admit", "uuid", False),
+])
+async def test_a_caller_gone_during_admission_frees_only_an_admitted_call(
+        script: str, decision: str, call: str, released_expected: bool,
+        monkeypatch: pytest.MonkeyPatch):
+    """Told the caller hung up before its answer was read, the agent gives back what an
+    admitted call took; a refusal, or an answer without a call, has nothing to give back."""
+    calls = control()
+    released: list[tuple[uuid.UUID, bool]] = []
+
+    async def release(call_id: uuid.UUID, why: str, *, quiet: bool = False) -> None:
+        released.append((call_id, quiet))
+
+    monkeypatch.setattr(calls, "_release_abandoned", release)
+    call_id = uuid.uuid4()
+    answer = {"PBX_DECISION": decision,
+              "PBX_CALL": str(call_id) if call == "uuid" else call}
+    calls._on_hung_up(AgiRequest(script, (), {"agi_uniqueid": "chan-1"}), answer)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert released == ([(call_id, True)] if released_expected else [])
