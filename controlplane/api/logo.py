@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
+from aiohttp import web
+
 from controlplane.api.problems import ApiError, invalid
 
 LOGO_TYPES = ("image/png", "image/jpeg", "image/svg+xml")
@@ -41,6 +43,20 @@ def sniff(data: bytes) -> str | None:
     if head.startswith((b"<?xml", b"<svg")) and _is_svg(data):
         return "image/svg+xml"
     return None
+
+
+async def read_logo(request: web.Request) -> bytes:
+    """The request's whole body, or its first MAX_LOGO_BYTES + 1 bytes when it is longer (one
+    read returns only what has arrived so far: a logo comes in many TCP segments)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_LOGO_BYTES:
+        chunk = await request.content.read(MAX_LOGO_BYTES + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def check_logo(data: bytes, declared: str) -> str:

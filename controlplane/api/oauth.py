@@ -338,6 +338,8 @@ async def bearer_middleware(request: web.Request, handler: Handler) -> web.Strea
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return bearer_error(401, "invalid_token", "a Bearer access token is required")
+    if not token.strip().isascii():  # bytes that are not text arrive as lone surrogates
+        return bearer_error(401, "invalid_token", "the access token is invalid")
     settings: Settings = request.app[SETTINGS]
     ip = source_ip(request, settings)
     cache = request.app[PRINCIPALS]

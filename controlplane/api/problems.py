@@ -128,6 +128,9 @@ def from_database(exc: asyncpg.PostgresError) -> ApiError | None:
         return invalid([(pointer, message)])
     if isinstance(exc, asyncpg.UniqueViolationError):
         return conflict("an object with these values already exists")
+    if isinstance(exc, (asyncpg.CharacterNotInRepertoireError,
+                        asyncpg.UntranslatableCharacterError)):
+        return invalid([("", "holds a character the platform does not keep (such as NUL)")])
     if isinstance(exc, (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError)):
         return ApiError(503, "Service unavailable", "the database is busy; retry later",
                         kind="unavailable", headers={"Retry-After": "5"})

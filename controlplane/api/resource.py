@@ -37,16 +37,24 @@ class Filter:
     description: str = ""
 
 
+def page_limit(raw: str) -> int | None:
+    """A page size asked for, or None when it is not one from 1 to MAX_PAGE (its length is
+    checked first: Python refuses to read an integer of thousands of digits)."""
+    if not is_ascii_digits(raw) or len(raw) > len(str(MAX_PAGE)) or not 1 <= int(raw) <= MAX_PAGE:
+        return None
+    return int(raw)
+
+
 def take_paging(query: dict[str, str]) -> tuple[int, int, list[tuple[str, str]]]:
     """(limit, after) taken out of `query`, and the errors (pointer, detail) of bad ones."""
     errors = []
     limit, after = DEFAULT_PAGE, 0
     raw = query.pop("limit", None)
     if raw is not None:
-        if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
+        limit = page_limit(raw)
+        if limit is None:
             errors.append(("/query/limit", f"must be an integer from 1 to {MAX_PAGE}"))
-        else:
-            limit = int(raw)
+            limit = DEFAULT_PAGE
     raw = query.pop("after", None)
     if raw is not None:
         if not is_ascii_digits(raw) or len(raw) > 18:

@@ -1,5 +1,6 @@
 """White-label logos: checked by content, size-limited, served back safely."""
 
+import asyncio
 import struct
 import zlib
 
@@ -55,3 +56,26 @@ async def test_logo_content_must_match_its_type_and_size(api):
                          content_type="image/gif")
     assert gif.status == 415
     assert (await api.get(f"/api/v1/dealers/{d['id']}/logo")).status == 404
+
+
+async def pieces(data: bytes, size: int):
+    """The body as a slow client sends it: in pieces, with pauses between them."""
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+        await asyncio.sleep(0.02)
+
+
+async def test_a_logo_sent_in_pieces_is_read_whole(api):
+    d = await api.dealer("reseller")
+    image = png(64, 64)
+    assert len(image) > 3 * 40
+    reply = await api.call("PUT", f"/api/v1/dealers/{d['id']}/logo", raw=pieces(image, 40),
+                           content_type="image/png")
+    assert reply.status == 204, reply
+    got = await api.get(f"/api/v1/dealers/{d['id']}/logo")
+    assert got.body == image
+    huge = png() + b"\x00" * (512 * 1024)
+    reply = await api.call("PUT", f"/api/v1/dealers/{d['id']}/logo",
+                           raw=pieces(huge, 64 * 1024), content_type="image/png")
+    assert reply.status == 413, reply
+    assert (await api.get(f"/api/v1/dealers/{d['id']}/logo")).body == image

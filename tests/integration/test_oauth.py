@@ -1,5 +1,6 @@
 """OAuth2 password and refresh grants, expiry, revocation and the source CIDR allowlist."""
 
+import asyncio
 import dataclasses
 import json
 
@@ -228,3 +229,41 @@ async def test_tokens_have_the_one_scope_the_api_has(api):
     narrower = await api.grant(dealer["login"], "correct-horse-battery", creds["client_id"],
                                creds["client_secret"], scope="read")
     assert (narrower.status, narrower.body["error"]) == (400, "invalid_scope")
+
+
+async def test_a_token_of_bytes_that_are_not_text_is_refused_not_a_server_error(api, client):
+    """Header bytes that are not UTF-8 reach the server as lone surrogates: 401, not 500."""
+    url = client.make_url("/api/v1/tenants")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(b"GET /api/v1/tenants HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Authorization: Bearer \xff\xfe-token\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(4096), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 401"), head[:200]
+    assert b'error="invalid_token"' in head
+
+
+async def test_a_page_size_of_thousands_of_digits_is_refused_not_a_server_error(api):
+    rng = api.ok(await api.post("/api/v1/number-ranges", {
+        "dealer_id": api.dealer_id, "name": "long limit", "country_code": "55",
+        "area_code": "11", "first_number": 30000000, "last_number": 30000009}), 201)
+    huge = "1" * 4400
+    for path in ("/api/v1/tenants", "/api/v1/cdrs", f"/api/v1/number-ranges/{rng['id']}/numbers"):
+        reply = await api.get(f"{path}?limit={huge}")
+        assert reply.status == 422, (path, reply.status)
+        assert (await api.get(f"{path}?limit=500")).status == 200, path
+
+
+async def test_revoking_an_api_client_id_never_issued_is_404_and_changes_nothing(api):
+    dealer, creds = await _reseller_creds(api)
+    for odd in ("%00", "a%00b", "%FF", "x" * 65, "not.issued"):
+        reply = await api.delete(f"/api/v1/dealers/{dealer['id']}/api-clients/{odd}")
+        assert reply.status == 404, (odd, reply)
+    listed = api.ok(await api.get(f"/api/v1/dealers/{dealer['id']}/api-clients"))["items"]
+    assert [c["revoked_at"] for c in listed] == [None]
+    tokens = await api.grant(dealer["login"], "correct-horse-battery", creds["client_id"],
+                             creds["client_secret"])
+    assert tokens.status == 200

@@ -126,6 +126,16 @@ async def test_number_ranges_are_the_operators_and_never_overlap(api):
     assert grown.status == 409
     assert api.ok(await api.patch(f"/api/v1/number-ranges/{rng['id']}",
                                   {"last_number": 39870050}))["last_number"] == 39870050
+    # the same numbers split otherwise between area code and local number
+    split = {**body, "area_code": "213", "first_number": 9870000, "last_number": 9870099}
+    reply = await api.post("/api/v1/number-ranges", split)
+    assert reply.status == 409 and f"range {rng['id']}" in reply.body["detail"], reply
+    shorter = await api.post("/api/v1/number-ranges", {**body, "area_code": "2",
+                                                       "first_number": 139870040,
+                                                       "last_number": 139870040})
+    assert shorter.status == 409, shorter
+    api.ok(await api.post("/api/v1/number-ranges", {**split, "first_number": 9870200,
+                                                     "last_number": 9870299}), 201)
 
 
 async def test_extension_plans_must_be_offered_to_the_tenant_dealer(api):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp import web
 
 from controlplane.api import fields as F
 from controlplane.api.keys import POOL, SETTINGS
-from controlplane.api.logo import LOGO_TYPES, MAX_LOGO_BYTES, check_logo
+from controlplane.api.logo import LOGO_TYPES, check_logo, read_logo
 from controlplane.api.oauth import issue_impersonation
 from controlplane.api.problems import ApiError, conflict, forbidden, invalid, not_found
 from controlplane.api.resource import (
@@ -34,6 +35,8 @@ from controlplane.api.routes import RouteTable
 from controlplane.model.principal import Principal
 from controlplane.secrets import digest, hash_password, new_token
 from controlplane.store import audit, credentials
+
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as new_token makes them
 
 LEVELS = ("distributor", "sub_distributor", "reseller")
 # What a dealer may change on its own record; caps, billing and node come from above.
@@ -202,9 +205,11 @@ async def list_api_clients(request: web.Request) -> web.Response:
 async def revoke_api_client(request: web.Request) -> web.Response:
     p, key = principal_of(request), path_id(request)
     client_id = request.match_info["client_id"]
+    if not CLIENT_ID.fullmatch(client_id):  # one the platform never issues: none to revoke
+        raise not_found("API client")
     async with request.app[POOL].acquire() as conn, conn.transaction():
         dealer = await DEALERS.require(conn, p, key)
-        row = await credentials.revoke_client(conn, key, client_id[:64])
+        row = await credentials.revoke_client(conn, key, client_id)
         if row is None:
             raise not_found("API client")
         await audit.record(conn, p, "revoke", "api_client", client_id, dealer["owner_path"],
@@ -247,7 +252,7 @@ async def put_logo(request: web.Request) -> web.Response:
         raise ApiError(415, "Unsupported media type",
                        "send the logo as image/png, image/jpeg or image/svg+xml",
                        kind="media-type")
-    data = await request.content.read(MAX_LOGO_BYTES + 1)
+    data = await read_logo(request)
     mime = check_logo(data, request.content_type)
     async with request.app[POOL].acquire() as conn, conn.transaction():
         row = await DEALERS.require(conn, p, key, lock=True)

@@ -18,6 +18,7 @@ from controlplane.api.resource import (
     int_filter,
     json_response,
     managed_owner,
+    page_limit,
     path_id,
     principal_of,
     register_crud,
@@ -85,18 +86,48 @@ def _operator_only(p: Principal, what: str) -> None:
     require_operator(p, f"only the platform operator {what}; it allots them to dealers")
 
 
+def numbers_meet(prefix: str, first: int, last: int,
+                 other_prefix: str, other_first: int, other_last: int) -> bool:
+    """Whether two ranges hold a number in common. A range's numbers are its prefix (country
+    and area code) followed by each local number in decimal, without leading zeros, so two
+    ranges with different splits can hold the same numbers: 55 11 31000000 is 55 113 1000000."""
+    if not other_prefix.startswith(prefix):
+        if not prefix.startswith(other_prefix):
+            return False
+        prefix, first, last, other_prefix, other_first, other_last = (
+            other_prefix, other_first, other_last, prefix, first, last)
+    extra = other_prefix[len(prefix):]
+    if not extra:
+        return first <= other_last and other_first <= last
+    if extra.startswith("0"):  # a local number never starts with 0 (but 0 itself)
+        return False
+    # the longer prefix's number m is the shorter one's int(extra) * 10**len(str(m)) + m
+    for digits in range(1, len(str(other_last)) + 1):
+        low = max(other_first, 0 if digits == 1 else 10 ** (digits - 1))
+        high = min(other_last, 10 ** digits - 1)
+        shift = int(extra) * 10 ** digits
+        if max(low, first - shift) <= min(high, last - shift):
+            return True
+    return False
+
+
 async def _no_overlap(conn: asyncpg.Connection, data: dict[str, Any], own: int | None) -> None:
-    """409 when the numbers overlap another range's: two subtrees would then both hand out
-    DIDs of the same numbers. Concurrent writers of ranges take turns here."""
+    """409 when the numbers overlap another range's, also one whose country and area codes
+    split the same digits otherwise: two subtrees would then both hand out DIDs of the same
+    numbers. Concurrent writers of ranges take turns here."""
     await conn.execute("SELECT pg_advisory_xact_lock($1)", RANGES_LOCK)
-    other = await conn.fetchrow(
-        "SELECT id, name FROM number_ranges WHERE country_code = $1 AND area_code = $2"
-        " AND first_number <= $4 AND last_number >= $3 AND id IS DISTINCT FROM $5"
-        " ORDER BY id LIMIT 1", data["country_code"], data["area_code"],
-        data["first_number"], data["last_number"], own)
-    if other is not None:
-        raise conflict(f"the numbers overlap those of number range {other['id']}",
-                       "/first_number")
+    prefix = data["country_code"] + data["area_code"]
+    rows = await conn.fetch(
+        "SELECT id, country_code || area_code AS prefix, first_number, last_number"
+        " FROM number_ranges WHERE id IS DISTINCT FROM $2"
+        " AND (starts_with($1, country_code || area_code)"
+        "      OR starts_with(country_code || area_code, $1))"
+        " ORDER BY id", prefix, own)
+    for other in rows:
+        if numbers_meet(prefix, data["first_number"], data["last_number"], other["prefix"],
+                        other["first_number"], other["last_number"]):
+            raise conflict(f"the numbers overlap those of number range {other['id']}",
+                           "/first_number")
 
 
 RANGES_LOCK = 7140021  # advisory lock: writers of number ranges
@@ -173,10 +204,10 @@ async def range_numbers(request: web.Request) -> web.Response:
         if status not in ("", "available", "in_use"):
             raise FieldError("status must be available or in_use")
         if "limit" in request.query:
-            raw = request.query["limit"]
-            if not is_ascii_digits(raw) or not 1 <= int(raw) <= MAX_PAGE:
+            asked = page_limit(request.query["limit"])
+            if asked is None:
                 raise FieldError(f"limit must be an integer from 1 to {MAX_PAGE}")
-            limit = int(raw)
+            limit = asked
         if "after" in request.query:
             raw = request.query["after"]
             if not is_ascii_digits(raw) or len(raw) > 13:
