@@ -33,19 +33,34 @@ CUT_TOLERANCE = 1.0
 
 @dataclass(frozen=True)
 class Extension:
-    """A call that got more time: the node must move its end."""
+    """A call that got more time: the node must move its end, `seconds_left` after the
+    moment `at` (time.monotonic()), however late the node hears of it."""
 
     callee_channel: str
     seconds_left: float
+    at: float
+
+    def left_now(self) -> float:
+        return self.seconds_left - (time.monotonic() - self.at)
+
+
+# Calls that found no credit for more time are tried again every this many seconds until
+# their end (a call of the same account may end meanwhile and give its reservation back, or
+# the account be topped up).
+EXHAUSTED_RETRY = 2.0
 
 
 async def extend_due(pool: asyncpg.Pool, node_id: int, lead: float, lease: float,
-                     ahead: int = credit.AHEAD_SECONDS) -> list[Extension]:
+                     move: Callable[[Extension], Awaitable[None]],
+                     ahead: int = credit.AHEAD_SECONDS, exhausted_too: bool = False) -> int:
     """Reserve the next interval for every answered call of the node whose granted time
-    ends within `lead` seconds, on the balance its account shares with its other calls."""
-    moved: list[Extension] = []
+    ends within `lead` seconds, on the balance its account shares with its other calls, and
+    have each one's end moved (`move`) as soon as its reservation is committed: an error
+    on a later call never keeps an earlier one's new end from the node. `exhausted_too`:
+    calls that found no credit before are tried again. Returns the calls extended."""
+    extended = 0
     async with pool.acquire() as conn:
-        for due in await store.due_for_more(conn, node_id, lead):
+        for due in await store.due_for_more(conn, node_id, lead, exhausted_too):
             async with conn.transaction():
                 call = await store.lock_call(conn, due["id"])
                 if call is None or call["account_id"] is None:
@@ -59,13 +74,15 @@ async def extend_due(pool: asyncpg.Pool, node_id: int, lead: float, lease: float
                     credit.grant_options(rate, call["granted_seconds"], call["reserved"], ahead),
                     available)
                 if chosen is None:
-                    await store.mark_exhausted(conn, call["id"])
+                    if not call["exhausted"]:
+                        await store.mark_exhausted(conn, call["id"])
                     continue
                 seconds, extra = chosen
                 await store.hold(conn, account["id"], extra)
                 left = await store.extend(conn, call["id"], seconds, extra, lease)
-            moved.append(Extension(call["callee_channel"] or "", left))
-    return moved
+            extended += 1
+            await move(Extension(call["callee_channel"] or "", left, time.monotonic()))
+    return extended
 
 
 async def _floor(conn: asyncpg.Connection, call: asyncpg.Record) -> Decimal:

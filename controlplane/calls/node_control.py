@@ -121,6 +121,8 @@ class CallControl:
         self.decisions = 0
         self.cdrs_imported = 0
         self._answering: set[asyncio.Task[Any]] = set()
+        # new ends the node has not taken yet (AMI away, or an error reply), by channel
+        self._unmoved: dict[str, lifecycle.Extension] = {}
 
     # -- life ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -329,26 +331,51 @@ class CallControl:
 
     # -- granted time ---------------------------------------------------------------------
     async def _extend_loop(self, stop: asyncio.Event) -> None:
+        last_retry = 0.0
         while not stop.is_set():
             # no link to the node, no end to move: nothing is reserved that it would not get
             async with self._surviving("extending calls", stop, DB_ERRORS):
                 if self.ami.connected.is_set():
-                    for moved in await lifecycle.extend_due(self.pool, self.node_id,
-                                                            self.config.lead, self.config.lease,
-                                                            self.config.ahead):
-                        await self._move_end(moved)
+                    for unmoved in list(self._unmoved.values()):
+                        await self._move_end(unmoved)
+                    retry = time.monotonic() - last_retry >= lifecycle.EXHAUSTED_RETRY
+                    if retry:
+                        last_retry = time.monotonic()
+                    await lifecycle.extend_due(self.pool, self.node_id, self.config.lead,
+                                               self.config.lease, self._move_end,
+                                               self.config.ahead, exhausted_too=retry)
             await _pause(stop, self.config.tick)
 
     async def _move_end(self, moved: lifecycle.Extension) -> None:
-        if not moved.callee_channel:
+        """Tell the node a call's new end. One it does not take is tried again every tick
+        until its old end, at which the node would cut a call whose time was paid for."""
+        channel = moved.callee_channel
+        if not channel:
+            return
+        left = moved.left_now()
+        if left <= 0:  # too late: the node has ended the call at its old end
+            self._unmoved.pop(channel, None)
+            log.warning("node %s: the end of %s could not be moved in time", self.node_name,
+                        channel)
             return
         try:
-            await self.ami.action({"Action": "Setvar", "Channel": moved.callee_channel,
-                                   "Variable": "TIMEOUT(absolute)",
-                                   "Value": f"{max(moved.seconds_left, 0.001):.3f}"})
+            reply = await self.ami.action({"Action": "Setvar", "Channel": channel,
+                                           "Variable": "TIMEOUT(absolute)",
+                                           "Value": f"{left:.3f}"})
         except AmiUnavailable as exc:
-            log.warning("node %s: could not move the end of %s: %s", self.node_name,
-                        moved.callee_channel, describe(exc))
+            self._unmoved[channel] = moved
+            log.warning("node %s: could not move the end of %s (will try again): %s",
+                        self.node_name, channel, describe(exc))
+            return
+        answer = reply if isinstance(reply, Mapping) else {}
+        if answer.get("Response") == "Success":
+            self._unmoved.pop(channel, None)
+        elif "no such channel" in str(answer.get("Message", "")).lower():
+            self._unmoved.pop(channel, None)  # the call ended meanwhile
+        else:
+            self._unmoved[channel] = moved
+            log.warning("node %s: the node refused to move the end of %s (will try again): "
+                        "%s", self.node_name, channel, answer.get("Message", "no answer"))
 
     # -- leases ---------------------------------------------------------------------------
     async def channels(self) -> list[str]:

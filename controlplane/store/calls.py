@@ -155,12 +155,14 @@ DUE_SQL = (
     "SELECT c.id, c.account_id, c.rate, c.reserved, c.granted_seconds, c.callee_channel"
     " FROM calls c WHERE c.node_id = $1 AND c.answered_at IS NOT NULL"
     " AND c.granted_seconds IS NOT NULL AND c.granted_until < now() + make_interval(secs => $2)"
-    " AND NOT c.exhausted")
+    " AND (NOT c.exhausted OR ($3 AND c.granted_until > now()))")
 
 
-async def due_for_more(conn: asyncpg.Connection, node_id: int,
-                       lead: float) -> list[asyncpg.Record]:
-    return await conn.fetch(DUE_SQL, node_id, lead)
+async def due_for_more(conn: asyncpg.Connection, node_id: int, lead: float,
+                       exhausted_too: bool = False) -> list[asyncpg.Record]:
+    """Calls whose grant ends within `lead` seconds; `exhausted_too`: also those that found
+    no credit before, until their end."""
+    return await conn.fetch(DUE_SQL, node_id, lead, exhausted_too)
 
 
 async def lock_call(conn: asyncpg.Connection, call_id: UUID) -> asyncpg.Record | None:
@@ -169,13 +171,15 @@ async def lock_call(conn: asyncpg.Connection, call_id: UUID) -> asyncpg.Record |
 
 async def extend(conn: asyncpg.Connection, call_id: UUID, seconds: int, extra: Decimal,
                  lease: float) -> float:
-    """Grant the call `seconds` in all; returns the seconds from now to the new end."""
+    """Grant the call `seconds` in all; returns the seconds from now (the clock's, not the
+    transaction's start: waits for locks are not counted twice) to the new end."""
     return float(await conn.fetchval(
         "UPDATE calls SET granted_seconds = $2::int, reserved = reserved + $3,"
-        " granted_until = answered_at + make_interval(secs => $2::int),"
+        " granted_until = answered_at + make_interval(secs => $2::int), exhausted = false,"
         " lease_until = greatest(lease_until, now() + make_interval(secs => $4))"
         " WHERE id = $1"
-        " RETURNING extract(epoch FROM granted_until - now())", call_id, seconds, extra, lease))
+        " RETURNING extract(epoch FROM granted_until - clock_timestamp())",
+        call_id, seconds, extra, lease))
 
 
 async def mark_exhausted(conn: asyncpg.Connection, call_id: UUID) -> None:

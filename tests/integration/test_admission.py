@@ -677,3 +677,52 @@ async def test_calls_gone_when_their_node_is_seen_again_lose_their_vouched_lease
             "SELECT id, extract(epoch FROM lease_until - now()) AS left FROM calls")}
     assert 0 < leases[gone.call_id] <= 10  # time for its CDR to be imported, no more
     assert leases[still.call_id] > 200 and leases[new.call_id] > 20
+
+
+async def test_each_call_gets_its_new_end_as_soon_as_its_time_is_reserved(
+        api: Api, db: asyncpg.Pool):
+    """The node hears of a call's new end before the next call is extended: an error on a
+    later call never keeps an earlier one's end from moving."""
+    node_id, _, exts = await setup(api, credit="3.00", shared=True)
+    admission = Admission(db, ahead=6)
+    decisions = [await admission.decide(request(node_id, exts[n], n)) for n in range(2)]
+    for n, d in enumerate(decisions):
+        assert await admission.answer(d.call_id, f"PJSIP/carrier-{n}") == 6
+    seen: list[tuple[str, float, int]] = []
+
+    async def move(moved: lifecycle.Extension) -> None:
+        pending = await db.fetchval("SELECT count(*) FROM calls WHERE granted_seconds = 6")
+        seen.append((moved.callee_channel, moved.left_now(), pending))
+
+    assert await lifecycle.extend_due(db, node_id, 10, 30, move, ahead=6) == 2
+    assert sorted(c for c, _, _ in seen) == ["PJSIP/carrier-0", "PJSIP/carrier-1"]
+    assert [pending for _, _, pending in seen] == [1, 0]
+    assert all(10 < left <= 12 for _, left, _ in seen), seen
+
+
+async def test_a_call_that_found_no_credit_gets_more_time_once_credit_comes_back(
+        api: Api, db: asyncpg.Pool):
+    # 1.20 at 6.00 a minute: two calls of 6 s, nothing left to extend them
+    node_id, _, exts = await setup(api, credit="1.20", shared=True)
+    admission = Admission(db, ahead=6)
+    decisions = [await admission.decide(request(node_id, exts[n], n)) for n in range(2)]
+    for n, d in enumerate(decisions):
+        assert await admission.answer(d.call_id, f"PJSIP/carrier-{n}") == 6
+    moved: list[lifecycle.Extension] = []
+
+    async def move(extension: lifecycle.Extension) -> None:
+        moved.append(extension)
+
+    assert await lifecycle.extend_due(db, node_id, 10, 30, move, ahead=6) == 0
+    assert await db.fetchval("SELECT count(*) FROM calls WHERE exhausted") == 2
+    tenant_id = exts[0]["tenant_id"]
+    api.ok(await api.post(f"/api/v1/tenants/{tenant_id}/credit", {"amount": "0.60"}))
+    assert await lifecycle.extend_due(db, node_id, 10, 30, move, ahead=6) == 0
+    assert await lifecycle.extend_due(db, node_id, 10, 30, move, ahead=6,
+                                      exhausted_too=True) == 1
+    rows = await db.fetch("SELECT granted_seconds, exhausted FROM calls ORDER BY granted_seconds")
+    assert [(r["granted_seconds"], r["exhausted"]) for r in rows] == [(6, True), (12, False)]
+    assert len(moved) == 1 and 10 < moved[0].left_now() <= 12
+    account = await db.fetchrow("SELECT balance, reserved FROM credit_accounts"
+                                " WHERE extension_id IS NULL")
+    assert account["balance"] == Decimal("1.8000") and account["reserved"] == Decimal("1.8000")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from controlplane.asterisk.ami import AmiUnavailable
 from controlplane.asterisk.fastagi import AgiRequest
 from controlplane.calls import housekeeping, lifecycle, node_control
 from controlplane.calls.node_control import (
@@ -177,9 +179,8 @@ async def test_grants_and_leases_go_on_after_an_unexpected_error(
     if loop == "_extend_loop":
         calls.ami.connected.set()  # extending needs the node's AMI link
     stop, turns = asyncio.Event(), []
-    result = [] if patched == "extend_due" else 0
     monkeypatch.setattr(lifecycle, patched, failing_once(stop, turns, RuntimeError("bug"),
-                                                         result=result))
+                                                         result=0))
     with caplog.at_level(logging.WARNING):
         await run_until_stopped(getattr(calls, loop)(stop), stop)
     assert turns == [1, 2, 3]
@@ -373,3 +374,76 @@ async def test_a_caller_gone_during_admission_frees_only_an_admitted_call(
     for _ in range(3):
         await asyncio.sleep(0)
     assert released == ([(call_id, True)] if released_expected else [])
+
+
+class ScriptedAmi(FakeAmi):
+    """Answers each action with the next of `replies`: a reply, or an exception to raise."""
+
+    def __init__(self, replies: list[Any]) -> None:
+        super().__init__()
+        self.replies = replies
+
+    async def action(self, message: dict[str, str], timeout: float = 5) -> dict[str, str]:
+        self.actions.append(message)
+        reply = self.replies.pop(0)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+
+async def test_a_new_end_is_sent_as_what_is_left_when_it_is_sent():
+    ami = ScriptedAmi([{"Response": "Success"}])
+    calls = control(ami)
+    await calls._move_end(lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic() - 5))
+    [sent] = ami.actions
+    assert sent["Channel"] == "PJSIP/b-1" and sent["Variable"] == "TIMEOUT(absolute)"
+    assert 24.5 < float(sent["Value"]) <= 25.0
+    assert calls._unmoved == {}
+
+
+async def test_a_new_end_the_node_did_not_take_is_sent_again_until_it_does():
+    ami = ScriptedAmi([AmiUnavailable("not connected"),
+                       {"Response": "Error", "Message": "Variable not set"},
+                       {"Response": "Success"}])
+    calls = control(ami)
+    moved = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic())
+    await calls._move_end(moved)
+    assert calls._unmoved == {"PJSIP/b-1": moved}
+    await calls._move_end(moved)
+    assert calls._unmoved == {"PJSIP/b-1": moved}
+    await calls._move_end(moved)
+    assert calls._unmoved == {} and len(ami.actions) == 3
+
+
+async def test_a_new_end_is_given_up_when_the_call_is_gone_or_its_old_end_passed():
+    ami = ScriptedAmi([{"Response": "Error", "Message": "No such channel"}])
+    calls = control(ami)
+    gone = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic())
+    calls._unmoved["PJSIP/b-1"] = gone
+    await calls._move_end(gone)
+    assert calls._unmoved == {}
+    late = lifecycle.Extension("PJSIP/b-2", 3.0, time.monotonic() - 4)
+    calls._unmoved["PJSIP/b-2"] = late
+    await calls._move_end(late)
+    assert calls._unmoved == {} and len(ami.actions) == 1
+
+
+async def test_the_extension_loop_sends_again_what_the_node_did_not_take(
+        monkeypatch: pytest.MonkeyPatch):
+    ami = ScriptedAmi([{"Response": "Success"}] * 10)
+    ami.connected.set()
+    calls = control(ami)
+    calls._unmoved["PJSIP/b-1"] = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic())
+    stop = asyncio.Event()
+    asked: list[bool] = []
+
+    async def extend_due(pool: Any, node_id: int, lead: float, lease: float, move: Any,
+                         ahead: int, exhausted_too: bool = False) -> int:
+        asked.append(exhausted_too)
+        stop.set()
+        return 0
+
+    monkeypatch.setattr(lifecycle, "extend_due", extend_due)
+    await asyncio.wait_for(calls._extend_loop(stop), 5)
+    assert [a["Channel"] for a in ami.actions] == ["PJSIP/b-1"]
+    assert calls._unmoved == {} and asked == [True]
