@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -226,9 +226,12 @@ def rate_from_json(raw: str | dict[str, Any] | None) -> Rate | None:
 
 class Admission:
     def __init__(self, pool: asyncpg.Pool, *, lease: float = LEASE_SECONDS,
-                 ahead: int = credit.AHEAD_SECONDS, answer_window: float = ANSWER_WINDOW
-                 ) -> None:
+                 ahead: int = credit.AHEAD_SECONDS, answer_window: float = ANSWER_WINDOW,
+                 on_unsure: Callable[[uuid.UUID], None] | None = None) -> None:
         self.pool, self.lease, self.ahead = pool, lease, ahead
+        # told of an admission that failed after its statement was sent (the connection
+        # lost, say): it may have committed all the same, and must then be undone
+        self.on_unsure = on_unsure
         self.rates = RateCache(pool)
         self.parties = PartyCache()
         # the calls whose admission statement is on its way, by channel: a decision given up
@@ -352,6 +355,12 @@ class Admission:
             raise Refused(*LEVEL_REFUSAL[full.kind], checked=True) from None
         except store.NoCredit:
             raise Refused(402, "no_credit", checked=True) from None
+        except store.Stale:
+            raise
+        except Exception:
+            if self.on_unsure is not None:
+                self.on_unsure(call_id)
+            raise
         finally:
             self.admitting.pop(req.channel, None)
         return Decision(True, call_id=call_id, target=target, grant=grant,

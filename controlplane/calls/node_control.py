@@ -103,13 +103,24 @@ def carrier_fingerprint(carrier: Mapping[str, Any]) -> str:
     return f"{carrier['host']}:{carrier['port']}:{carrier['transport']}"
 
 
+def admitted_call(answer: Mapping[str, str]) -> uuid.UUID | None:
+    """The call an admission's answer admitted, if it admitted one."""
+    if answer.get("PBX_DECISION") != "admit":
+        return None
+    try:
+        return uuid.UUID(answer.get("PBX_CALL", ""))
+    except ValueError:
+        return None
+
+
 class CallControl:
     def __init__(self, pool: asyncpg.Pool, node_id: int, node_name: str, ami: AmiSession,
                  ari: AriClient, dsn: str, config: CallControlConfig,
                  agi_token: str = "") -> None:
         self.pool, self.node_id, self.node_name = pool, node_id, node_name
         self.ami, self.ari, self.dsn, self.config = ami, ari, dsn, config
-        self.admission = Admission(pool, lease=config.lease, ahead=config.ahead)
+        self.admission = Admission(pool, lease=config.lease, ahead=config.ahead,
+                                   on_unsure=self._on_unsure)
         self.agi = FastAgiServer({"admit": self._admit, "answer": self._answer},
                                  on_timeout=self._on_timeout,
                                  on_abandoned=self._on_abandoned,
@@ -255,6 +266,9 @@ class CallControl:
                          call_id: uuid.UUID | None) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("node %s: a decision given up on failed", self.node_name, exc_info=exc)
+        elif call_id is None and not task.cancelled():
+            # it admitted the call as its time ran out, in the same turn of the event loop
+            call_id = admitted_call(task.result())
         if call_id is not None:
             self._in_background(self._release_abandoned(
                 call_id, "was admitted after its node was answered by policy"))
@@ -263,14 +277,16 @@ class CallControl:
         """The caller hung up while its call was admitted: the call will never ring, and
         what it took is given back now rather than when its lease lapses (its node's CDR
         cannot say which call it was: the dialplan stopped before recording it)."""
-        if req.script != "admit" or answer.get("PBX_DECISION") != "admit":
-            return
-        try:
-            call_id = uuid.UUID(answer.get("PBX_CALL", ""))
-        except ValueError:
-            return
+        call_id = admitted_call(answer) if req.script == "admit" else None
+        if call_id is not None:
+            self._in_background(self._release_abandoned(
+                call_id, "was left by its caller while it was admitted", quiet=True))
+
+    def _on_unsure(self, call_id: uuid.UUID) -> None:
+        """An admission failed after its statement was sent: the node is answered by policy,
+        and the call, if it was admitted all the same, is undone."""
         self._in_background(self._release_abandoned(
-            call_id, "was left by its caller while it was admitted", quiet=True))
+            call_id, "was admitted although its admission failed"))
 
     async def _release_abandoned(self, call_id: uuid.UUID, why: str, *,
                                  quiet: bool = False) -> None:

@@ -253,6 +253,36 @@ async def test_an_abandoned_admission_gives_back_its_slots_and_credit_once(
         assert await conn.fetchval("SELECT count(*) FROM cdrs") == 0
 
 
+async def test_an_admission_that_fails_after_its_statement_was_sent_is_reported_unsure(
+        api: Api, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch):
+    """The connection lost as the admission committed: the decision fails (the node is
+    answered by policy), and the call it may have admitted all the same is named, to be
+    undone; a refusal names none."""
+    node_id, _, exts = await setup(api, dealer_calls=5, credit="0.01")
+    unsure: list[uuid.UUID] = []
+    admission = Admission(db, on_unsure=unsure.append)
+    real_admit = calls_store.admit
+
+    async def admit_then_lose_the_connection(*args, **kwargs):
+        await real_admit(*args, **kwargs)
+        raise ConnectionResetError("connection lost")
+
+    monkeypatch.setattr(calls_store, "admit", admit_then_lose_the_connection)
+    free = request(node_id, exts[0], 1, dialled=exts[1]["number"])
+    free = dataclasses.replace(free, direction="internal")
+    with pytest.raises(ConnectionResetError):
+        await admission.decide(free)
+    assert unsure == [await db.fetchval("SELECT id FROM calls")]
+    refused = await admission.decide(request(node_id, exts[2], 2))  # 0.01: no credit
+    assert not refused.admitted and refused.reason == "no_credit"
+    assert len(unsure) == 1 and not admission.admitting
+    assert await db.fetchval("SELECT sum(active) FROM call_counters") > 0
+    async with db.acquire() as conn:
+        assert await calls_store.release_abandoned(conn, unsure[0], timeout=5) is True
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0
+    assert await db.fetchval("SELECT coalesce(sum(active), 0) FROM call_counters") == 0
+
+
 async def test_admission_leaves_the_session_committing_synchronously(api: Api, db: asyncpg.Pool):
     node_id, _, exts = await setup(api)
     async with db.acquire() as conn:

@@ -447,3 +447,28 @@ async def test_the_extension_loop_sends_again_what_the_node_did_not_take(
     await asyncio.wait_for(calls._extend_loop(stop), 5)
     assert [a["Channel"] for a in ami.actions] == ["PJSIP/b-1"]
     assert calls._unmoved == {} and asked == [True]
+
+
+async def test_a_decision_that_admitted_as_its_time_ran_out_is_undone(
+        monkeypatch: pytest.MonkeyPatch):
+    """The time is up in the very turn the decision ends: the admission statement is no
+    longer on its way, but the call it admitted is in its answer, and is undone."""
+    calls = control()
+    released: list[uuid.UUID] = []
+
+    async def release(call_id: uuid.UUID, why: str, *, quiet: bool = False) -> None:
+        released.append(call_id)
+
+    monkeypatch.setattr(calls, "_release_abandoned", release)
+    call_id = uuid.uuid4()
+
+    async def decide() -> dict[str, str]:
+        return {"PBX_DECISION": "admit", "PBX_CALL": str(call_id)}
+
+    task = asyncio.create_task(decide())
+    await task
+    calls._on_abandoned(AgiRequest("admit", (), {"agi_uniqueid": "chan-1"}), task)
+    calls._on_unsure(other := uuid.uuid4())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sorted(released) == sorted([call_id, other])
