@@ -236,3 +236,15 @@ async def test_deactivated_dealer_and_its_subtree_lose_api_access(api):
     assert (await as_res.get("/api/v1/tenants")).status == 200
     api.ok(await api.patch(f"/api/v1/dealers/{dist['id']}", {"active": False}))
     assert (await as_res.get("/api/v1/tenants")).status == 401
+
+
+async def test_no_tenant_is_created_under_a_dealer_whose_parent_is_deactivated(api, db):
+    dist = await api.dealer("distributor")
+    res = await api.dealer("reseller", parent_id=dist["id"])
+    api.ok(await api.patch(f"/api/v1/dealers/{dist['id']}", {"active": False}))
+    reply = await api.post("/api/v1/tenants", {"dealer_id": res["id"], "name": "Late"})
+    assert reply.status == 409 and reply.body["errors"][0]["pointer"] == "#/dealer_id", reply
+    assert await db.fetchval("SELECT count(*) FROM tenants WHERE dealer_id = $1",
+                             res["id"]) == 0
+    api.ok(await api.patch(f"/api/v1/dealers/{dist['id']}", {"active": True}))
+    api.ok(await api.post("/api/v1/tenants", {"dealer_id": res["id"], "name": "Late"}), 201)

@@ -82,9 +82,11 @@ class Tenants(Resource):
     async def before_create(self, conn: asyncpg.Connection, p: Principal,
                             data: dict[str, Any]) -> dict[str, Any]:
         dealer_id = data.setdefault("dealer_id", p.scope_id)
-        dealer = await conn.fetchrow(
-            "SELECT active, portal_domain FROM dealers WHERE id = $1"
-            " AND path @> ARRAY[$2]::bigint[]", dealer_id, p.scope_id)
+        dealer = await conn.fetchrow(  # active only while every dealer above it is
+            "SELECT NOT EXISTS (SELECT 1 FROM dealers a WHERE a.id = ANY (d.path)"
+            "                   AND NOT a.active) AS active, d.portal_domain"
+            " FROM dealers d WHERE d.id = $1 AND d.path @> ARRAY[$2]::bigint[]",
+            dealer_id, p.scope_id)
         if dealer is None:
             raise invalid([("/dealer_id", "is not a dealer you manage")])
         if not dealer["active"]:
