@@ -317,18 +317,26 @@ async def test_a_rate_table_that_cannot_be_read_is_logged_and_looked_up_meanwhil
     assert "rate table 3 not cached" in caplog.text and "pool is closing" in caplog.text
 
 
+def releases(calls: CallControl, monkeypatch: pytest.MonkeyPatch, *,
+             quiet_too: bool) -> list[Any]:
+    """The calls `calls` releases as abandoned, as they are released: their ids, or
+    (id, quiet) with `quiet_too`."""
+    released: list[Any] = []
+
+    async def release(call_id: uuid.UUID, why: str, *, quiet: bool = False) -> None:
+        released.append((call_id, quiet) if quiet_too else call_id)
+
+    monkeypatch.setattr(calls, "_release_abandoned", release)
+    return released
+
+
 @pytest.mark.parametrize("in_statement", [True, False])
 async def test_a_decision_given_up_on_is_cancelled_and_undone_if_it_may_commit(
         in_statement: bool, monkeypatch: pytest.MonkeyPatch):
     """Cancelled, a decision still waiting (for a connection, say) never runs; one whose
     admission statement was on its way may commit all the same, and is undone once it ends."""
     calls = control()
-    released: list[uuid.UUID] = []
-
-    async def release(call_id: uuid.UUID, why: str, *, quiet: bool = False) -> None:
-        released.append(call_id)
-
-    monkeypatch.setattr(calls, "_release_abandoned", release)
+    released = releases(calls, monkeypatch, quiet_too=False)
     deciding = asyncio.Event()
 
     async def decide() -> dict[str, str]:
@@ -361,12 +369,7 @@ async def test_a_caller_gone_during_admission_frees_only_an_admitted_call(
     """Told the caller hung up before its answer was read, the agent gives back what an
     admitted call took; a refusal, or an answer without a call, has nothing to give back."""
     calls = control()
-    released: list[tuple[uuid.UUID, bool]] = []
-
-    async def release(call_id: uuid.UUID, why: str, *, quiet: bool = False) -> None:
-        released.append((call_id, quiet))
-
-    monkeypatch.setattr(calls, "_release_abandoned", release)
+    released = releases(calls, monkeypatch, quiet_too=True)
     call_id = uuid.uuid4()
     answer = {"PBX_DECISION": decision,
               "PBX_CALL": str(call_id) if call == "uuid" else call}
@@ -454,12 +457,7 @@ async def test_a_decision_that_admitted_as_its_time_ran_out_is_undone(
     """The time is up in the very turn the decision ends: the admission statement is no
     longer on its way, but the call it admitted is in its answer, and is undone."""
     calls = control()
-    released: list[uuid.UUID] = []
-
-    async def release(call_id: uuid.UUID, why: str, *, quiet: bool = False) -> None:
-        released.append(call_id)
-
-    monkeypatch.setattr(calls, "_release_abandoned", release)
+    released = releases(calls, monkeypatch, quiet_too=False)
     call_id = uuid.uuid4()
 
     async def decide() -> dict[str, str]:
