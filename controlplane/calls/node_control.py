@@ -134,6 +134,7 @@ class CallControl:
         self._answering: set[asyncio.Task[Any]] = set()
         # new ends the node has not taken yet (AMI away, or an error reply), by channel
         self._unmoved: dict[str, lifecycle.Extension] = {}
+        self.answers_lost = False  # an answer was not recorded: ask the node for it
 
     # -- life ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -203,6 +204,8 @@ class CallControl:
         recovered = 0
         for call in calls:
             try:
+                if not await self._is_call(call["channel_name"], call["channel"]):
+                    continue  # gone (its CDR will come), or the name is a newer call's
                 answer = await self._channel_var(call["channel_name"], "CDR(answer,u)")
                 at = float(answer or 0)
                 if at <= 0:
@@ -219,6 +222,13 @@ class CallControl:
             log.info("node %s: %d answers recovered after the AMI link came back",
                      self.node_name, recovered)
         return recovered
+
+    async def _is_call(self, channel_name: str, uniqueid: str) -> bool:
+        """Whether the node's channel of that name is the call's (its unique id): after a
+        node restart a name may be a newer call's (chan_pjsip's counter starts again)."""
+        if not uniqueid or not CHANNEL_NAME.fullmatch(channel_name):
+            return False
+        return await self._channel_var(channel_name, "UNIQUEID") == uniqueid
 
     async def _channel_var(self, channel: str, name: str) -> str | None:
         reply = await self.ami.action({"Action": "Getvar", "Channel": channel,
@@ -340,9 +350,12 @@ class CallControl:
             log.info("node %s: answer of %s left for the next start", self.node_name, call_id)
             return None
         except DB_ERRORS as exc:
-            # The end set from the admission's grant stays: the call is still cut on time.
-            log.warning("node %s: answer of %s not recorded (%s)", self.node_name, call_id,
-                        describe(exc))
+            # The end set from the admission's grant stays: the call is still cut on time,
+            # unless the answer is recovered from the node before (resync_answers, at the
+            # next lease renewal), and the call gets more time as usual.
+            log.warning("node %s: answer of %s not recorded (%s): asked again of the node",
+                        self.node_name, call_id, describe(exc))
+            self.answers_lost = True
             return None
 
     # -- granted time ---------------------------------------------------------------------
@@ -414,10 +427,14 @@ class CallControl:
                                 await store.end_vouching(conn, self.node_id, live,  # gone
                                                          LISTING_LAG)
                             # hang-ups asked while no agent heard (or AMI failed) again
-                            for channel in await store.hangups_asked(conn, self.node_id,
-                                                                     HANGUP_AGAIN, live):
-                                self.hangups.put_nowait({"channel_name": channel})
+                            for name, uniqueid in await store.hangups_asked(
+                                    conn, self.node_id, HANGUP_AGAIN, live):
+                                self.hangups.put_nowait({"channel_name": name,
+                                                         "channel": uniqueid})
                         unseen_since = None
+                        if self.answers_lost:
+                            self.answers_lost = False
+                            self._in_background(self.resync_answers())
                     else:
                         unseen_since = unseen_since or time.monotonic()
                         await self._vouch_unseen(time.monotonic() - unseen_since)
@@ -527,10 +544,13 @@ class CallControl:
         while not stop.is_set():
             event = await self.hangups.get()
             channel = event.get("channel_name")
-            if not channel or not CHANNEL_NAME.fullmatch(channel):
+            if not isinstance(channel, str) or not CHANNEL_NAME.fullmatch(channel):
                 continue  # none, or not one Asterisk made (admission stores no other)
             async with self._surviving(f"hangup of {channel}", stop, (AmiUnavailable,)):
-                await self.ami.action({"Action": "Hangup", "Channel": channel, "Cause": "16"})
+                # only the call asked for, never a newer one that took its channel's name
+                if await self._is_call(channel, str(event.get("channel") or "")):
+                    await self.ami.action({"Action": "Hangup", "Channel": channel,
+                                           "Cause": "16"})
 
 
 def event_time(stamp: Any) -> datetime | None:

@@ -147,8 +147,8 @@ async def answered_at(conn: asyncpg.Connection, call_id: UUID, callee_channel: s
     return status.endswith(" 1")
 
 
-UNANSWERED_SQL = ("SELECT id, channel_name FROM calls WHERE node_id = $1 AND answered_at IS NULL"
-                  " AND granted_seconds IS NOT NULL ORDER BY started_at")
+UNANSWERED_SQL = ("SELECT id, channel, channel_name FROM calls WHERE node_id = $1"
+                  " AND answered_at IS NULL AND granted_seconds IS NOT NULL ORDER BY started_at")
 
 
 DUE_SQL = (
@@ -234,12 +234,13 @@ async def end_vouching(conn: asyncpg.Connection, node_id: int, channels: list[st
 
 
 async def hangups_asked(conn: asyncpg.Connection, node_id: int, before: float,
-                        live: list[str]) -> list[str]:
-    """Channel names of the node's calls the API was asked to hang up at least `before`
-    seconds ago (migration 0020) and still on the node: their unique ids among `live`. A
-    name alone could be a new call's after the node restarted (its counter starts again)."""
-    return [r["channel_name"] for r in await conn.fetch(
-        "SELECT channel_name FROM calls WHERE node_id = $1 AND channel_name <> ''"
+                        live: list[str]) -> list[tuple[str, str]]:
+    """(channel name, unique id) of the node's calls the API was asked to hang up at least
+    `before` seconds ago (migration 0020) and still on the node: their unique ids among
+    `live`. A name alone could be a new call's after the node restarted (its counter starts
+    again)."""
+    return [(r["channel_name"], r["channel"]) for r in await conn.fetch(
+        "SELECT channel_name, channel FROM calls WHERE node_id = $1 AND channel_name <> ''"
         " AND hangup_requested_at < now() - make_interval(secs => $2)"
         " AND channel = ANY ($3::text[])", node_id, before, live)]
 

@@ -193,7 +193,8 @@ async def test_a_hangup_no_agent_heard_is_kept_with_its_call_for_the_agent(
     reply = await api.delete(f"/api/v1/calls/{decision.call_id}")
     assert reply.status == 202
     async with db.acquire() as conn:
-        assert await store.hangups_asked(conn, node_id, 0.0, live) == [call["channel_name"]]
+        assert await store.hangups_asked(conn, node_id, 0.0, live) == [
+            (call["channel_name"], call["channel"])]
         assert await store.hangups_asked(conn, node_id, 60.0, live) == []  # asked just now
         assert await store.hangups_asked(conn, node_id + 1, 0.0, live) == []
         # not on the node any more (it restarted): its name may be a new call's, left alone

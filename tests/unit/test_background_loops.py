@@ -36,12 +36,18 @@ class FakeAmi:
         self.connected = asyncio.Event()
         self.actions: list[dict[str, str]] = []
         self.fail_next = False
+        self.uniqueids: dict[str, str] = {}  # the node's channels: name -> unique id
 
     async def action(self, message: dict[str, str], timeout: float = 5) -> dict[str, str]:
         self.actions.append(message)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("the node answered something unreadable")
+        if message.get("Action") == "Getvar" and message.get("Variable") == "UNIQUEID":
+            uniqueid = self.uniqueids.get(message.get("Channel", ""))
+            if uniqueid is None:
+                return {"Response": "Error", "Message": "No such channel"}
+            return {"Response": "Success", "Value": uniqueid}
         return {"Response": "Success"}
 
 
@@ -210,21 +216,27 @@ async def test_carriers_are_synced_again_after_an_unexpected_error(
 async def test_hangups_go_on_after_an_unexpected_error(caplog: pytest.LogCaptureFixture):
     ami = FakeAmi()
     ami.fail_next = True
+    ami.uniqueids = {"PJSIP/a-1": "100.1", "PJSIP/b-2": "100.2", "PJSIP/c-3": "200.3"}
     calls = control(ami)
     stop = asyncio.Event()
-    # a name no Asterisk channel has (an AMI regular expression, a line break) is not sent
-    for channel in ("PJSIP/a-1", "/.*/", "PJSIP/x\r\nAction: Logoff", "PJSIP/b-2"):
-        calls.hangups.put_nowait({"channel_name": channel})
+    # a name no Asterisk channel has (an AMI regular expression, a line break) is not sent;
+    # a name that is now another call's (the node restarted: 200.3, not 100.3) is left alone
+    for channel, uniqueid in (("PJSIP/a-1", "100.1"), ("/.*/", "100.9"),
+                              ("PJSIP/x\r\nAction: Logoff", "100.8"), ("PJSIP/c-3", "100.3"),
+                              ("PJSIP/d-4", ""), ("PJSIP/b-2", "100.2")):
+        calls.hangups.put_nowait({"channel_name": channel, "channel": uniqueid})
     with caplog.at_level(logging.WARNING):
         task = asyncio.create_task(calls._hangup_loop(stop))
         for _ in range(500):
-            if len(ami.actions) == 2:
+            if ami.actions and ami.actions[-1]["Action"] == "Hangup":
                 break
             await asyncio.sleep(0.01)
         stop.set()
         calls.hangups.put_nowait({})
         await asyncio.wait_for(task, 5)
-    assert [a["Channel"] for a in ami.actions] == ["PJSIP/a-1", "PJSIP/b-2"]
+    assert [(a["Action"], a["Channel"]) for a in ami.actions] == [
+        ("Getvar", "PJSIP/a-1"), ("Getvar", "PJSIP/c-3"), ("Getvar", "PJSIP/b-2"),
+        ("Hangup", "PJSIP/b-2")]
     unexpected(caplog, "node n1: hangup of PJSIP/a-1")
 
 
@@ -470,3 +482,55 @@ async def test_a_decision_that_admitted_as_its_time_ran_out_is_undone(
     for _ in range(5):
         await asyncio.sleep(0)
     assert sorted(released) == sorted([call_id, other])
+
+
+class OnePool:
+    """A pool whose one connection answers anything with 1."""
+
+    def acquire(self, timeout: float | None = None) -> Any:
+        pool = self
+
+        class Held:
+            async def __aenter__(self) -> Any:
+                return pool
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+        return Held()
+
+    async def fetchval(self, *args: Any, **kwargs: Any) -> int:
+        return 1
+
+
+async def test_an_answer_not_recorded_is_asked_of_the_node_at_the_next_renewal(
+        monkeypatch: pytest.MonkeyPatch):
+    calls = control()
+    calls.pool = OnePool()
+
+    async def database_away(*args: Any, **kwargs: Any) -> None:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(calls.admission, "answer", database_away)
+    assert await calls._record_answer(str(uuid.uuid4()), "PJSIP/carrier-1") is None
+    assert calls.answers_lost
+    stop, resyncs = asyncio.Event(), []
+
+    async def listed() -> list[str]:
+        return ["100.1"]
+
+    async def renewed(*args: Any, **kwargs: Any) -> int:
+        return 1
+
+    async def resync() -> int:
+        resyncs.append(1)
+        stop.set()
+        return 1
+
+    monkeypatch.setattr(calls, "_listed_channels", listed)
+    monkeypatch.setattr(calls, "resync_answers", resync)
+    monkeypatch.setattr(node_control.store, "renew_leases", renewed)
+    monkeypatch.setattr(node_control.store, "hangups_asked",
+                        lambda *args: asyncio.sleep(0, result=[]))
+    await asyncio.wait_for(calls._lease_loop(stop), 5)
+    assert resyncs == [1] and not calls.answers_lost

@@ -56,14 +56,14 @@ async def hang_up(request: web.Request) -> web.Response:
         row = await conn.fetchrow(
             "UPDATE calls c SET hangup_requested_at = coalesce(c.hangup_requested_at, now())"
             " WHERE c.id = $2 AND c.dealer_path @> ARRAY[$1]::bigint[]"
-            " RETURNING c.node_id, c.channel_name, c.dealer_path", p.scope_id, key)
+            " RETURNING c.node_id, c.channel, c.channel_name, c.dealer_path", p.scope_id, key)
         if row is None:
             raise not_found("call")
         if not row["channel_name"]:
             raise conflict("the call's channel on its node is not known: it cannot be hung up")
         await conn.execute("SELECT pg_notify($1, $2)", HANGUP_CHANNEL, json.dumps(
             {"node_id": row["node_id"], "channel_name": row["channel_name"],
-             "call_id": str(key)}))
+             "channel": row["channel"], "call_id": str(key)}))
         await audit.record(conn, p, "hangup", "call", str(key), list(row["dealer_path"]),
                            None, {"call_id": str(key)})
     return json_response({"id": str(key), "status": "hangup requested"}, 202)
