@@ -240,7 +240,9 @@ class CdrImport:
         for line in held:
             if line.call_id is not None:
                 self.held.setdefault(line.call_id, HeldLine(line, time.monotonic()))
-        return stored
+        # the file was just read to its end: under steady traffic it seldom stays there
+        # between two looks, and the held lines must not wait for a quiet moment
+        return stored + await self._settle_held()
 
     async def _settle_held(self) -> int:
         """With the file read to its end: settle the calls whose held line is the last word

@@ -408,9 +408,19 @@ class CallControl:
 
     # -- leases ---------------------------------------------------------------------------
     async def channels(self) -> list[str]:
+        """The unique ids of the node's channels. A reply that is not a whole listing (an
+        error, or one cut short) raises AmiUnavailable: read as "no channels", it would let
+        the leases of calls still talking lapse."""
         replies = await self.ami.action({"Action": "CoreShowChannels"}, timeout=10)
-        return [m["Uniqueid"] for m in (replies if isinstance(replies, list) else [replies])
-                if m.get("Event") == "CoreShowChannel" and m.get("Uniqueid")]
+        messages = replies if isinstance(replies, list) else [replies]
+        listed = [m["Uniqueid"] for m in messages
+                  if m.get("Event") == "CoreShowChannel" and m.get("Uniqueid")]
+        ends = [m for m in messages if m.get("Event") == "CoreShowChannelsComplete"]
+        if not ends or str(ends[-1].get("ListItems", len(listed))) != str(len(listed)):
+            first = messages[0] if messages else {}
+            raise AmiUnavailable(f"CoreShowChannels answered no whole listing: "
+                                 f"{first.get('Message') or first.get('Response') or 'nothing'}")
+        return listed
 
     async def _lease_loop(self, stop: asyncio.Event) -> None:
         sweeps = lifecycle.LeaseSweep(self.pool)

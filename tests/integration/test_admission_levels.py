@@ -305,6 +305,30 @@ async def test_a_calls_only_node_line_saying_unanswered_settles_it_once_its_call
     assert await db.fetchval("SELECT count(*) FROM calls") == 0 and not cdrs.held
 
 
+async def test_a_held_line_settles_its_call_under_steady_traffic_too(
+        api: Api, db: asyncpg.Pool, tmp_path, monkeypatch):
+    """Lines keep arriving (the file is never found where the last import left it): the
+    held line still settles its call once the caller is gone, and is not kept."""
+    path = tmp_path / "Master.csv"
+    node_id, exts, req, decision = await _answered_call_with_unanswered_line(
+        api, db, path, monkeypatch, "PJSIP/carrier-1")
+    other_req = request(node_id, exts[1], 1)
+    other = await Admission(db).decide(other_req)
+
+    async def gone() -> set[str]:
+        return set()
+
+    cdrs = lifecycle.CdrImport(db, node_id, path, live_channels=gone)
+    for turn in range(4):
+        with path.open("a") as fh:
+            fh.write(file_line(other, other_req, 0.0, sequence=turn))
+        await cdrs.run()
+    assert await db.fetchval("SELECT count(*) FROM calls") == 0 and not cdrs.held
+    cdr = await db.fetchrow("SELECT disposition, price FROM cdrs WHERE uniqueid = $1",
+                            req.channel)
+    assert tuple(cdr) == ("NO ANSWER", Decimal("0.0000"))
+
+
 async def test_a_forked_calls_unanswered_line_first_then_its_answered_line_bills_the_talk(
         api: Api, db: asyncpg.Pool, tmp_path, monkeypatch):
     path = tmp_path / "Master.csv"

@@ -534,3 +534,30 @@ async def test_an_answer_not_recorded_is_asked_of_the_node_at_the_next_renewal(
                         lambda *args: asyncio.sleep(0, result=[]))
     await asyncio.wait_for(calls._lease_loop(stop), 5)
     assert resyncs == [1] and not calls.answers_lost
+
+
+@pytest.mark.parametrize("reply, listed", [
+    ([{"Response": "Success", "EventList": "start"},
+      {"Event": "CoreShowChannel", "Uniqueid": "100.1"},
+      {"Event": "CoreShowChannel", "Uniqueid": "100.2"},
+      {"Event": "CoreShowChannelsComplete", "EventList": "Complete", "ListItems": "2"}],
+     ["100.1", "100.2"]),
+    ([{"Response": "Success", "EventList": "start"},
+      {"Event": "CoreShowChannelsComplete", "EventList": "Complete", "ListItems": "0"}], []),
+    ({"Response": "Error", "Message": "Permission denied"}, None),
+    ([{"Response": "Success", "EventList": "start"},
+      {"Event": "CoreShowChannel", "Uniqueid": "100.1"}], None),
+    ([{"Response": "Success", "EventList": "start"},
+      {"Event": "CoreShowChannel", "Uniqueid": "100.1"},
+      {"Event": "CoreShowChannelsComplete", "EventList": "Complete", "ListItems": "2"}], None),
+])
+async def test_only_a_whole_listing_of_the_nodes_channels_is_believed(
+        reply: Any, listed: list[str] | None):
+    """A listing that is not whole (an error, one cut short) must never read as "no
+    channels": the leases of calls still talking would lapse."""
+    calls = control(ScriptedAmi([reply]))
+    if listed is None:
+        with pytest.raises(AmiUnavailable):
+            await calls.channels()
+    else:
+        assert await calls.channels() == listed
