@@ -9,6 +9,7 @@ again stores nothing twice (a CDR is unique per node line).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -116,13 +117,56 @@ def parse_line(text: str) -> CdrLine | None:
 
 
 def state(path: Path) -> tuple[str, int] | None:
-    """(identity, size) of the file from one `stat`: its identity is device:inode, to notice
-    a new file at the same path; None when there is no file."""
+    """(identity, size) of the file; None when there is no file. Its identity is
+    device:inode:fingerprint, the fingerprint a hash of its first line (empty until it has
+    one whole): a new file at the same path is noticed even when it got the inode of the
+    one it replaced (freed by a rotation that compressed it), or is the same file emptied
+    and written again (copytruncate)."""
     try:
-        st = os.stat(path)
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            head = fh.read(FINGERPRINT_BYTES)
     except FileNotFoundError:
         return None
-    return f"{st.st_dev}:{st.st_ino}", st.st_size
+    return f"{st.st_dev}:{st.st_ino}:{_fingerprint(head)}", st.st_size
+
+
+def same_file(saved: str, ident: str) -> bool:
+    """Whether a position saved for the file of identity `saved` is one in the file of
+    identity `ident`; a position saved before identities had a fingerprint (device:inode)
+    is the file's that has that inode."""
+    return saved == ident or (saved.count(":") == 1 and ident.startswith(saved + ":"))
+
+
+FINGERPRINT_BYTES = 4096  # a record is far shorter: the first line is whole within it
+
+
+def _fingerprint(head: bytes) -> str:
+    end = head.find(b"\n")
+    return "" if end < 0 else hashlib.blake2b(head[:end], digest_size=8).hexdigest()
+
+
+def find_by_identity(path: Path, ident: str) -> Path | None:
+    """The file beside `path` that was the file of identity `ident` (see `state`): renamed
+    by a rotation (`pbx-cdr.csv.1`, `pbx-cdr.csv-20261204`) or copied before it was emptied,
+    it starts with the same line. None when it is not there (removed, or compressed)."""
+    parts = ident.split(":")
+    fingerprint = parts[2] if len(parts) == 3 else ""
+    if not fingerprint:
+        return None
+    try:
+        entries = [e for e in os.scandir(path.parent)
+                   if e.name != path.name and e.name.startswith(path.name)]
+    except FileNotFoundError:
+        return None
+    for entry in sorted(entries, key=lambda e: e.name):
+        try:
+            with open(entry.path, "rb") as fh:
+                if _fingerprint(fh.read(FINGERPRINT_BYTES)) == fingerprint:
+                    return Path(entry.path)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            continue
+    return None
 
 
 def _whole(raw: bytes) -> bool:

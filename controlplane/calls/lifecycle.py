@@ -290,31 +290,68 @@ async def _import(pool: asyncpg.Pool, node_id: int, path: Path,
     stored = 0
     async with pool.acquire() as conn:
         position = await store.import_position(conn, node_id)
-        offset = position["offset_"] if position and position["file_id"] == ident else 0
-        if offset > size:  # truncated in place: it starts again
-            offset = 0
-        texts, new_offset = await _from_file(cdr_file.read_from, path, offset)
-        if new_offset == offset:
-            return 0, (ident, offset)
-        # The settlements commit without waiting for their WAL to reach the disk (they
-        # hold the shared counters until they commit); saving the position does wait, and
-        # that flushes every settlement before it. A crash in between loses at most
-        # settlements whose lines are read again, and settled once (the CDR is unique).
-        lines = _best_lines(await _parse(node_id, texts))
-        # A call ringing several devices left several lines: the best settles the call, the
-        # others come after it has (they find it settled and store nothing more).
-        seen: set[UUID] = set()
-        first, later = [], []
-        for line in lines:
-            (later if line.call_id in seen else first).append(line)
-            if line.call_id is not None:
-                seen.add(line.call_id)
-        for group in (first, later):
-            for at in range(0, len(group), SETTLE_BATCH):
-                stored += await _settle_batch(conn, node_id, group[at:at + SETTLE_BATCH],
-                                              held)
-        await store.save_position(conn, node_id, ident, new_offset)
-    return stored, (ident, new_offset)
+        offset = 0
+        if position and cdr_file.same_file(position["file_id"], ident):
+            offset = position["offset_"]
+            if offset > size:  # truncated in place: it starts again
+                offset = 0
+        elif position:  # a new file: what the former one still held comes first
+            if position["offset_"] > 0:
+                stored += await _finish_replaced(conn, node_id, path, position["file_id"],
+                                                 position["offset_"], held)
+            await store.save_position(conn, node_id, ident, 0)
+        got, offset = await _import_from(conn, node_id, path, ident, offset, held)
+    return stored + got, (ident, offset)
+
+
+async def _finish_replaced(conn: asyncpg.Connection, node_id: int, path: Path, former: str,
+                           offset: int, held: list[CdrLine] | None) -> int:
+    """The node's CDR file was replaced (rotated by renaming it, as logrotate does): the
+    records the former file got after the last import are read from it, found beside the
+    new one by its identity, before the new file. Returns the CDRs stored."""
+    old = await _from_file(cdr_file.find_by_identity, path, former)
+    if old is None:
+        log.error("node %s: the CDR file %s was replaced, and its former file is not beside "
+                  "it (removed or compressed): any records it got after byte %d were not "
+                  "imported", node_id, path, offset)
+        return 0
+    stored = 0
+    while True:
+        got, reached = await _import_from(conn, node_id, old, former, offset, held)
+        stored += got
+        if reached == offset:
+            break
+        offset = reached
+    log.info("node %s: the former CDR file %s read to its end (%d CDRs)", node_id, old, stored)
+    return stored
+
+
+async def _import_from(conn: asyncpg.Connection, node_id: int, path: Path, ident: str,
+                       offset: int, held: list[CdrLine] | None) -> tuple[int, int]:
+    """Settle the records of the file at `path` (identity `ident`) from `offset`, as many as
+    one read takes, and save the position after them. Returns (CDRs stored, offset)."""
+    texts, new_offset = await _from_file(cdr_file.read_from, path, offset)
+    if new_offset == offset:
+        return 0, offset
+    # The settlements commit without waiting for their WAL to reach the disk (they
+    # hold the shared counters until they commit); saving the position does wait, and
+    # that flushes every settlement before it. A crash in between loses at most
+    # settlements whose lines are read again, and settled once (the CDR is unique).
+    lines = _best_lines(await _parse(node_id, texts))
+    # A call ringing several devices left several lines: the best settles the call, the
+    # others come after it has (they find it settled and store nothing more).
+    seen: set[UUID] = set()
+    first, later = [], []
+    for line in lines:
+        (later if line.call_id in seen else first).append(line)
+        if line.call_id is not None:
+            seen.add(line.call_id)
+    stored = 0
+    for group in (first, later):
+        for at in range(0, len(group), SETTLE_BATCH):
+            stored += await _settle_batch(conn, node_id, group[at:at + SETTLE_BATCH], held)
+    await store.save_position(conn, node_id, ident, new_offset)
+    return stored, new_offset
 
 
 async def _parse(node_id: int, texts: list[str]) -> list[CdrLine]:

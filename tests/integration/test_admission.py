@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import random
+import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -756,3 +758,42 @@ async def test_a_call_that_found_no_credit_gets_more_time_once_credit_comes_back
     account = await db.fetchrow("SELECT balance, reserved FROM credit_accounts"
                                 " WHERE extension_id IS NULL")
     assert account["balance"] == Decimal("1.8000") and account["reserved"] == Decimal("1.8000")
+
+
+@pytest.mark.parametrize("rotation", ["rename", "copytruncate", "removed"])
+async def test_a_rotated_cdr_file_is_read_to_its_end_before_the_new_one(
+        api: Api, db: asyncpg.Pool, tmp_path, caplog, rotation: str):
+    """The node's file is rotated (renamed, or copied and emptied in place) with records the
+    agent has not imported yet, and the node writes on in a new one: those records are read
+    from the former file first. A former file that is gone is named in an error; the new one
+    is imported all the same."""
+    node_id, _, exts = await setup(api, credit="10.00")
+    admission = Admission(db)
+    reqs = [request(node_id, exts[n], n) for n in range(5)]
+    decisions = [await admission.decide(r) for r in reqs]
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_text(file_line(decisions[0], reqs[0], 0.0))
+    assert await lifecycle.import_file(db, node_id, path) == 1
+    with path.open("a") as fh:  # written after the last import
+        fh.write(file_line(decisions[1], reqs[1], 0.0) + file_line(decisions[2], reqs[2], 0.0))
+    rotated = tmp_path / "pbx-cdr.csv.1"
+    if rotation == "copytruncate":
+        shutil.copy(path, rotated)
+    else:
+        path.rename(rotated)
+    if rotation == "removed":
+        rotated.unlink()
+    # as long as the records the former file held: read from the old offset, it would be
+    # mistaken for the rest of that file
+    path.write_text(file_line(decisions[3], reqs[3], 0.0) * 3)
+    former_kept = rotation != "removed"
+    with caplog.at_level(logging.ERROR):
+        assert await lifecycle.import_file(db, node_id, path) == (3 if former_kept else 1)
+    assert await lifecycle.import_file(db, node_id, path) == 0
+    stored = {r["uniqueid"] for r in await db.fetch("SELECT uniqueid FROM cdrs")}
+    expected = [0, 1, 2, 3] if former_kept else [0, 3]
+    assert stored == {reqs[n].channel for n in expected}
+    assert ("was replaced" in caplog.text) is not former_kept
+    with path.open("a") as fh:  # the new file goes on from where it was read to
+        fh.write(file_line(decisions[4], reqs[4], 0.0))
+    assert await lifecycle.import_file(db, node_id, path) == 1

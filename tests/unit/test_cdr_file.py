@@ -140,3 +140,36 @@ async def test_a_file_that_does_not_answer_fails_the_import_in_bounded_time(monk
     assert time.monotonic() - started < 0.5
     assert ticks >= 5
     await asyncio.sleep(0.5)  # the stalled read ends before the next test reads a file
+
+
+def test_a_file_is_known_by_its_first_line_as_well_as_its_inode(tmp_path):
+    path = tmp_path / "pbx-cdr.csv"
+    assert cdr_file.state(path) is None
+    path.write_bytes(b'"1.1","0"')  # no whole line yet: no fingerprint
+    empty, _ = cdr_file.state(path)
+    assert empty.endswith(":")
+    path.write_bytes(b'"1.1","0"\n"1.2","0"\n')
+    first, size = cdr_file.state(path)
+    assert size == 20 and first.startswith(empty) and first != empty
+    with path.open("ab") as fh:
+        fh.write(b'"1.3","0"\n')
+    assert cdr_file.state(path)[0] == first  # grown: the same file
+    path.write_bytes(b'"2.1","0"\n')  # emptied in place and written again
+    assert cdr_file.state(path)[0] != first
+    # a position saved as device:inode only (before fingerprints) stays the file's
+    device_inode = first.rsplit(":", 1)[0]
+    assert cdr_file.same_file(device_inode, first)
+    assert not cdr_file.same_file(device_inode + "9", first)
+    assert cdr_file.same_file(first, first) and not cdr_file.same_file(empty, first)
+
+
+def test_the_former_file_is_found_beside_by_its_first_line(tmp_path):
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_bytes(b'"1.1","0"\n')
+    ident, _ = cdr_file.state(path)
+    (tmp_path / "other.csv").write_bytes(b'"1.1","0"\n')  # not a rotation of this file
+    assert cdr_file.find_by_identity(path, ident) is None
+    path.rename(tmp_path / "pbx-cdr.csv-20261204")
+    path.write_bytes(b'"2.1","0"\n')
+    assert cdr_file.find_by_identity(path, ident) == tmp_path / "pbx-cdr.csv-20261204"
+    assert cdr_file.find_by_identity(path, ident.rsplit(":", 1)[0]) is None
