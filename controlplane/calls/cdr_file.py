@@ -187,14 +187,15 @@ def read_from(path: Path, offset: int) -> tuple[list[str], int]:
     line break after an even number of quotes. A line whose quote stays open for
     MAX_RECORD_LINES lines, or until a later line is a whole record, was cut short (a node
     that stopped mid-write); lines that close their quotes without forming a RECORD are not
-    one of ours. Either way the first line is skipped and the next read as a record's
-    start."""
+    one of ours. Either way the first line is skipped, but for a record of ours that starts
+    within it (the node wrote its next record on the cut one's line), and the next read as a
+    record's start. A chunk without any line break is no record's: it is skipped."""
     with open(path, "rb") as fh:
         fh.seek(offset)
         chunk = fh.read(MAX_CHUNK)
     end = chunk.rfind(b"\n")
     if end < 0:
-        return [], offset
+        return [], offset + (len(chunk) if len(chunk) == MAX_CHUNK else 0)
     pieces = chunk[:end].split(b"\n")
     records: list[str] = []
     taken = i = 0
@@ -212,11 +213,41 @@ def read_from(path: Path, offset: int) -> tuple[list[str], int]:
             if RECORD.fullmatch(raw):
                 records.append(raw.decode("utf-8", "replace"))
                 taken, i = taken + size, j
-            else:
-                taken, i = taken + len(pieces[i]) + 1, i + 1
-        elif j - i >= MAX_RECORD_LINES or any(_whole(pieces[k]) for k in range(i + 1, j)):
-            # a whole record of ours on a later line: this one was cut short
-            taken, i = taken + len(pieces[i]) + 1, i + 1
-        else:
+                continue
+        elif not (j - i >= MAX_RECORD_LINES or any(_whole(pieces[k]) for k in range(i + 1, j))):
             break  # its quote is still open where the file ends: the rest is on its way
+        # not a record, or one cut short (a whole record of ours on a later line): skipped,
+        # but for a record that starts within it
+        cut = record_within(pieces[i])
+        if cut:
+            taken, pieces[i] = taken + cut, pieces[i][cut:]
+        else:
+            taken, i = taken + len(pieces[i]) + 1, i + 1
     return records, offset + taken
+
+
+# Where a record of ours may start: its unique id, then its sequence number.
+RECORD_START = re.compile(rb'"[A-Za-z0-9._-]+","[0-9]+","')
+
+
+def record_within(raw: bytes) -> int:
+    """Where, after its first byte, a whole record of ours starts in `raw`: a node that
+    stopped in the middle of a record writes its next one on the same line. 0: nowhere."""
+    for m in RECORD_START.finditer(raw, 1):
+        tail = raw[m.start():]
+        if _whole(tail) and parse_line(tail.decode("utf-8", "replace")) is not None:
+            return m.start()
+    return 0
+
+
+def parse_salvaged(text: str) -> CdrLine | None:
+    """parse_line, and for a line that is not a record, the record of ours that starts
+    within it, if one does (see record_within)."""
+    line = parse_line(text)
+    if line is None:
+        raw = text.encode("utf-8", "replace")
+        cut = record_within(raw)
+        if cut:
+            line = parse_line(raw[cut:].decode("utf-8", "replace"))
+    return line
+

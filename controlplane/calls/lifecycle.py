@@ -360,7 +360,7 @@ async def _parse(node_id: int, texts: list[str]) -> list[CdrLine]:
     that cannot be read is logged and skipped (it stays in the node's file)."""
     lines = []
     for n, text in enumerate(texts, 1):
-        line = cdr_file.parse_line(text)
+        line = cdr_file.parse_salvaged(text)
         if line is not None:
             lines.append(line)
         else:

@@ -173,3 +173,27 @@ def test_the_former_file_is_found_beside_by_its_first_line(tmp_path):
     path.write_bytes(b'"2.1","0"\n')
     assert cdr_file.find_by_identity(path, ident) == tmp_path / "pbx-cdr.csv-20261204"
     assert cdr_file.find_by_identity(path, ident.rsplit(":", 1)[0]) is None
+
+
+@pytest.mark.parametrize("cut_at", [15, 40, 70, len(LINE) - 1])
+def test_a_record_written_on_the_line_of_one_cut_short_is_read(tmp_path, cut_at):
+    """A node that stopped in the middle of a record writes its next one on the same line:
+    the cut record is lost, the one after it is not (and neither are those that follow)."""
+    records = [LINE.replace('"pbx1-1796074653.0"', f'"pbx1-17960746{n:02d}.0"', 1)
+               for n in range(3)]
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_text(LINE[:cut_at] + records[0] + "\n" + records[1] + "\n" + records[2] + "\n")
+    lines, offset = read_from(path, 0)
+    assert offset == path.stat().st_size
+    parsed = [cdr_file.parse_salvaged(line) for line in lines]
+    assert [p.uniqueid for p in parsed if p is not None] == [
+        f"pbx1-17960746{n:02d}.0" for n in range(3)]
+
+
+def test_a_megabyte_without_a_line_break_is_skipped_not_read_forever(tmp_path):
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_bytes(b"\0" * cdr_file.MAX_CHUNK + (LINE + "\n").encode())
+    assert read_from(path, 0) == ([], cdr_file.MAX_CHUNK)
+    assert read_from(path, cdr_file.MAX_CHUNK) == ([LINE], path.stat().st_size)
+    path.write_bytes(b"\0" * 100)  # short of a megabyte: it may be a record on its way
+    assert read_from(path, 0) == ([], 0)
