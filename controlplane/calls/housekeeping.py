@@ -25,9 +25,16 @@ ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 async def housekeeping(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Event) -> None:
+    """The lease sweep and counters' recount, and the CDR export, as two loops: an export
+    volume that stops answering (a write blocks in its thread) holds up the export alone,
+    never the release of lapsed calls."""
     if settings.cdr_export_period not in ("daily", "monthly"):
         raise SystemExit("PBX_CDR_EXPORT_PERIOD must be daily or monthly")
-    export_due = recount_due = time.monotonic()
+    await asyncio.gather(_calls(pool, settings, stop), _exports(pool, settings, stop))
+
+
+async def _calls(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Event) -> None:
+    recount_due = time.monotonic()
     sweeps = lifecycle.LeaseSweep(pool)
     while not stop.is_set():
         async with surviving("call housekeeping: lease sweep", stop, ERRORS,
@@ -40,14 +47,24 @@ async def housekeeping(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Eve
             async with surviving("call housekeeping: call counters", stop, ERRORS,
                                  timeout=settings.db_timeout):
                 await lifecycle.recount_counters(pool, settings.db_timeout)
-        if settings.cdr_export_dir and time.monotonic() >= export_due:
-            export_due = time.monotonic() + EXPORT_RETRY
-            async with surviving("call housekeeping: CDR export", stop, ERRORS,
-                                 timeout=settings.db_timeout):
-                await export.export_closed_periods(pool, Path(settings.cdr_export_dir),
-                                                   settings.cdr_export_period)
-                export_due = time.monotonic() + EXPORT_EVERY
-        try:
-            await asyncio.wait_for(stop.wait(), SWEEP_EVERY)
-        except TimeoutError:
-            pass
+        await _pause(stop, SWEEP_EVERY)
+
+
+async def _exports(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Event) -> None:
+    if not settings.cdr_export_dir:
+        return
+    while not stop.is_set():
+        pause = EXPORT_RETRY
+        async with surviving("call housekeeping: CDR export", stop, ERRORS,
+                             timeout=settings.db_timeout):
+            await export.export_closed_periods(pool, Path(settings.cdr_export_dir),
+                                               settings.cdr_export_period)
+            pause = EXPORT_EVERY
+        await _pause(stop, pause)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

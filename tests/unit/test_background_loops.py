@@ -262,20 +262,61 @@ def test_describe_says_what_failed_when_the_error_has_no_text():
 async def test_housekeeping_goes_on_after_unexpected_errors(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path):
     stop, sweeps, exports = asyncio.Event(), [], []
+    swept, exported = asyncio.Event(), asyncio.Event()
     monkeypatch.setattr(housekeeping, "SWEEP_EVERY", 0.001)
     monkeypatch.setattr(housekeeping, "EXPORT_RETRY", 0.0)
-    monkeypatch.setattr(lifecycle, "sweep", failing_once(asyncio.Event(), sweeps,
-                                                         RuntimeError("bug"), result=0))
+    monkeypatch.setattr(lifecycle, "sweep", failing_once(swept, sweeps,
+                                                         RuntimeError("bug"), result=0,
+                                                         enough=2))
     monkeypatch.setattr(housekeeping.export, "export_closed_periods",
-                        failing_once(stop, exports, RuntimeError("bug"), result=[], enough=2))
+                        failing_once(exported, exports, RuntimeError("bug"), result=[],
+                                     enough=2))
+
+    async def both_done() -> None:
+        await swept.wait()
+        await exported.wait()
+        stop.set()
 
     monkeypatch.setattr(lifecycle, "recount_counters", counters_right)
     settings = Settings(data_dir=tmp_path, cdr_export_dir=str(tmp_path / "cdrs"))
+    watcher = asyncio.create_task(both_done())
     with caplog.at_level(logging.WARNING):
         await run_until_stopped(housekeeping.housekeeping(NO_POOL, settings, stop), stop)
-    assert exports == [1, 2] and len(sweeps) >= 2
+    await watcher
+    assert exports[:2] == [1, 2] and len(sweeps) >= 2
     unexpected(caplog, "call housekeeping: lease sweep")
     unexpected(caplog, "call housekeeping: CDR export")
+
+
+async def test_an_export_volume_that_hangs_never_holds_up_the_lease_sweep(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    stop, sweeps, exporting = asyncio.Event(), [], asyncio.Event()
+    monkeypatch.setattr(housekeeping, "SWEEP_EVERY", 0.001)
+
+    async def stalled(*args: Any) -> list[Any]:
+        exporting.set()
+        await asyncio.sleep(3600)  # a write that never returns
+        return []
+
+    async def swept(pool: Any) -> int:
+        sweeps.append(1)
+        if len(sweeps) >= 3 and exporting.is_set():
+            stop.set()
+        return 0
+
+    class Answering(lifecycle.LeaseSweep):
+        async def run(self) -> int:
+            return await swept(self.pool)
+
+    monkeypatch.setattr(housekeeping.export, "export_closed_periods", stalled)
+    monkeypatch.setattr(lifecycle, "LeaseSweep", Answering)
+    monkeypatch.setattr(lifecycle, "recount_counters", counters_right)
+    settings = Settings(data_dir=tmp_path, cdr_export_dir=str(tmp_path / "cdrs"))
+    task = asyncio.create_task(housekeeping.housekeeping(NO_POOL, settings, stop))
+    await asyncio.wait_for(stop.wait(), 5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert exporting.is_set() and len(sweeps) >= 3
 
 
 async def test_housekeeping_names_a_database_timeout(
