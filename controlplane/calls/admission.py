@@ -299,7 +299,10 @@ class Admission:
 
     async def _outbound(self, conn: asyncpg.Connection, req: CallRequest, parties: Parties,
                         party: asyncpg.Record) -> Decision:
-        c = classify(req.dialled, party["area_code"])
+        try:
+            c = classify(req.dialled, party["area_code"])
+        except ValueError:  # the tenant's area code is none in service (set around the API)
+            raise Refused(503, "caller_area_unknown") from None
         if c.call_class == CallClass.INVALID:
             raise Refused(404, "number_invalid")
         flags = {flag: party[flag] for flag in set(PERMISSION_FLAGS.values())}

@@ -99,8 +99,8 @@ _THREE_DIGITS = (
     " 996 998")
 COUNTRY_CODES = frozenset(f"{_ONE_DIGIT} {_TWO_DIGITS} {_THREE_DIGITS}".split())
 
-EMERGENCY = frozenset({"190", "191", "192", "193", "194", "197", "198", "199", "128",
-                       "112", "911"})
+EMERGENCY = frozenset({"153", "185", "190", "191", "192", "193", "194", "197", "198",
+                       "199", "128", "112", "911"})
 # Public utility numbers that are free to call and must never be blocked.
 FREE_UTILITY = frozenset({"100", "136", "180", "181", "188"})
 # Non-geographic national numbers: 0800 + 6 or 7 digits, and the like.
@@ -189,13 +189,17 @@ def classify(dialled: str, caller_area: str, country: str = BRAZIL) -> Classific
     """Classify `dialled` as called from DDD `caller_area` in `country`.
 
     Raises ValueError when the caller's own country or area code is unknown (that is the
-    platform's configuration, not the caller's input); every dialled string gets a class.
+    platform's configuration, not the caller's input), but for short codes (emergency and
+    utility services), which do not depend on it; every dialled string gets a class.
     """
     if country not in COUNTRY_CODES:
         raise ValueError(f"unknown country code {country!r}")
-    if country == BRAZIL and caller_area not in AREA_CODES:
-        raise ValueError(f"unknown Brazilian area code {caller_area!r}")
     cleaned = _SEPARATORS.sub("", dialled)
+    if country == BRAZIL and caller_area not in AREA_CODES:
+        short = _short_code(dialled, cleaned) if cleaned.isdigit() else None
+        if short is None:
+            raise ValueError(f"unknown Brazilian area code {caller_area!r}")
+        return short
     if not _DIALLED.fullmatch(cleaned):
         return _invalid(dialled, "only digits, with an optional leading +, can be dialled")
     if cleaned.startswith("+"):

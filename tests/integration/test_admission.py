@@ -797,3 +797,23 @@ async def test_a_rotated_cdr_file_is_read_to_its_end_before_the_new_one(
     with path.open("a") as fh:  # the new file goes on from where it was read to
         fh.write(file_line(decisions[4], reqs[4], 0.0))
     assert await lifecycle.import_file(db, node_id, path) == 1
+
+
+async def test_a_tenant_area_code_none_in_service_is_refused_and_still_reaches_emergency(
+        api: Api, db: asyncpg.Pool):
+    node_id, _, exts = await setup(api)
+    tenant_id = exts[0]["tenant_id"]
+    for area in ("20", "10", "1", [], 11, None):
+        reply = await api.patch(f"/api/v1/tenants/{tenant_id}", {"area_code": area})
+        assert reply.status == 422 and reply.body["errors"][0]["pointer"] == "#/area_code"
+    # set around the API (the database allows any two digits): calls are refused with a
+    # reason, not failed; emergency calls still go through, free
+    await db.execute("UPDATE tenants SET area_code = '20' WHERE id = $1", tenant_id)
+    admission = Admission(db)
+    refused = await admission.decide(request(node_id, exts[0], 1, dialled="32345678"))
+    assert (refused.admitted, refused.sip_code, refused.reason) == (
+        False, 503, "caller_area_unknown")
+    emergency = await admission.decide(request(node_id, exts[0], 2, dialled="190"))
+    assert emergency.admitted and emergency.grant is None
+    assert await db.fetchval("SELECT reserved FROM calls WHERE id = $1",
+                             emergency.call_id) == 0

@@ -68,6 +68,8 @@ KNOWN = [
     ("192", "11", SOS, None, None, None),
     ("193", "99", SOS, None, None, None),
     ("199", "11", SOS, None, None, None),
+    ("153", "11", SOS, None, None, None),  # municipal guard
+    ("185", "21", SOS, None, None, None),  # sea rescue (Navy)
     ("112", "11", SOS, None, None, None),
     ("188", "11", FREE, None, None, None),
     ("03001234567", "11", SPECIAL, "+553001234567", None, None),
@@ -150,7 +152,18 @@ def test_an_unknown_caller_area_or_country_is_a_configuration_error():
     with pytest.raises(ValueError):
         classify("32345678", "20")
     with pytest.raises(ValueError):
+        classify("+5511987654321", "20")
+    with pytest.raises(ValueError):
         classify("32345678", "11", country="28")
+
+
+def test_emergency_and_utility_codes_need_no_caller_area():
+    """They do not depend on it: a tenant whose area code is wrong still reaches them."""
+    for area in ("20", ""):
+        assert classify("190", area).call_class == SOS
+        assert classify("1 9 3", area).call_class == SOS
+        assert classify("188", area).call_class == FREE
+        assert classify("102", area).call_class == SPECIAL
 
 
 def test_outside_brazil_only_e164_is_understood():

@@ -24,9 +24,17 @@ from controlplane.api.resource import (
 )
 from controlplane.api.routes import RouteTable
 from controlplane.model.principal import Principal
+from controlplane.rating.classify import AREA_CODES
 from controlplane.store import audit
 
 STATUSES = ("active", "suspended", "cancelled")
+
+def _area_code(value: Any) -> str:
+    if not isinstance(value, str) or value not in AREA_CODES:  # none of its calls would
+        # classify, and none could be placed
+        raise F.FieldError("must be a Brazilian area code (DDD) in service, such as 11")
+    return str(value)
+
 
 TENANT_FIELDS = {
     "dealer_id": F.reference("owning dealer; defaults to the caller"),
@@ -42,8 +50,9 @@ TENANT_FIELDS = {
     "max_extensions": F.integer(nullable=True),
     "max_calls": F.integer(nullable=True, description="cap on simultaneous calls"),
     "status": F.choice(STATUSES),
-    "area_code": F.pattern(r"^[1-9][0-9]$", "the tenant's area code (DDD), e.g. 11: local and"
-                           " national calls are classified from it", max_len=2),
+    "area_code": F.Field({"type": "string", "enum": sorted(AREA_CODES)}, _area_code,
+                         description="the tenant's area code (DDD) in service, e.g. 11: local"
+                                     " and national calls are classified from it"),
     "shared_credit": F.boolean("the tenant's own credit account pays for all its extensions'"
                                " calls (otherwise each extension pays from its own)"),
     "billing_mode": F.choice(("prepaid", "postpaid"), "of the tenant's credit account"),
