@@ -121,21 +121,40 @@ def state(path: Path) -> tuple[str, int] | None:
     device:inode:fingerprint, the fingerprint a hash of its first line (empty until it has
     one whole): a new file at the same path is noticed even when it got the inode of the
     one it replaced (freed by a rotation that compressed it), or is the same file emptied
-    and written again (copytruncate)."""
+    and written again (copytruncate). A file whose `stat` did not change since the last
+    look costs that `stat` alone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    known = _states.get(path)
+    if known is not None and known[0] == seen:
+        return known[1], st.st_size
     try:
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
             head = fh.read(FINGERPRINT_BYTES)
     except FileNotFoundError:
         return None
-    return f"{st.st_dev}:{st.st_ino}:{_fingerprint(head)}", st.st_size
+    ident = f"{st.st_dev}:{st.st_ino}:{_fingerprint(head)}"
+    _states[path] = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), ident)
+    return ident, st.st_size
+
+
+_states: dict[Path, tuple[tuple[int, int, int, int], str]] = {}  # state()'s last looks
 
 
 def same_file(saved: str, ident: str) -> bool:
     """Whether a position saved for the file of identity `saved` is one in the file of
-    identity `ident`; a position saved before identities had a fingerprint (device:inode)
-    is the file's that has that inode."""
-    return saved == ident or (saved.count(":") == 1 and ident.startswith(saved + ":"))
+    identity `ident`. A position saved before its file had a whole first line (an empty
+    fingerprint), or before identities had fingerprints (device:inode), is the file's that
+    has that device and inode."""
+    if saved == ident:
+        return True
+    parts = saved.split(":")
+    return (len(parts) == 2 or (len(parts) == 3 and not parts[2])) and \
+        ident.startswith(f"{parts[0]}:{parts[1]}:")
 
 
 FINGERPRINT_BYTES = 4096  # a record is far shorter: the first line is whole within it
@@ -146,27 +165,35 @@ def _fingerprint(head: bytes) -> str:
     return "" if end < 0 else hashlib.blake2b(head[:end], digest_size=8).hexdigest()
 
 
-def find_by_identity(path: Path, ident: str) -> Path | None:
-    """The file beside `path` that was the file of identity `ident` (see `state`): renamed
-    by a rotation (`pbx-cdr.csv.1`, `pbx-cdr.csv-20261204`) or copied before it was emptied,
-    it starts with the same line. None when it is not there (removed, or compressed)."""
+def rotated(path: Path, ident: str, since: float) -> tuple[Path | None, list[Path]]:
+    """The files beside `path` that rotations made of it (`pbx-cdr.csv.1`,
+    `pbx-cdr.csv-20261204`; compressed ones are not read): the one that was the file of
+    identity `ident` (see `state`), found by its first line, if it is still there, and those
+    written to after `since` (seconds since 1970) besides it, oldest first: files rotated
+    after it, never read."""
     parts = ident.split(":")
     fingerprint = parts[2] if len(parts) == 3 else ""
-    if not fingerprint:
-        return None
     try:
         entries = [e for e in os.scandir(path.parent)
                    if e.name != path.name and e.name.startswith(path.name)]
     except FileNotFoundError:
-        return None
+        return None, []
+    former: Path | None = None
+    later: list[tuple[float, str]] = []
     for entry in sorted(entries, key=lambda e: e.name):
         try:
             with open(entry.path, "rb") as fh:
-                if _fingerprint(fh.read(FINGERPRINT_BYTES)) == fingerprint:
-                    return Path(entry.path)
+                head = fh.read(FINGERPRINT_BYTES)
+                mtime = os.fstat(fh.fileno()).st_mtime
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             continue
-    return None
+        if not head.startswith(b'"'):  # compressed, or not a CDR file of ours
+            continue
+        if fingerprint and former is None and _fingerprint(head) == fingerprint:
+            former = Path(entry.path)
+        elif mtime > since:
+            later.append((mtime, entry.path))
+    return former, [Path(name) for _, name in sorted(later)]
 
 
 def _whole(raw: bytes) -> bool:

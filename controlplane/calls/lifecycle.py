@@ -60,28 +60,29 @@ async def extend_due(pool: asyncpg.Pool, node_id: int, lead: float, lease: float
     calls that found no credit before are tried again. Returns the calls extended."""
     extended = 0
     async with pool.acquire() as conn:
-        for due in await store.due_for_more(conn, node_id, lead, exhausted_too):
-            async with conn.transaction():
-                call = await store.lock_call(conn, due["id"])
-                if call is None or call["account_id"] is None:
-                    continue
-                rate = rate_from_json(call["rate"])
-                assert rate is not None
-                account = await store.lock_account_by_id(conn, call["account_id"])
-                floor = await _floor(conn, call)
-                available = account["balance"] - account["reserved"] - floor
-                chosen = credit.best_grant(
-                    credit.grant_options(rate, call["granted_seconds"], call["reserved"], ahead),
-                    available)
-                if chosen is None:
-                    if not call["exhausted"]:
-                        await store.mark_exhausted(conn, call["id"])
-                    continue
-                seconds, extra = chosen
-                await store.hold(conn, account["id"], extra)
-                left = await store.extend(conn, call["id"], seconds, extra, lease)
-            extended += 1
-            await move(Extension(call["callee_channel"] or "", left, time.monotonic()))
+        calls_due = await store.due_for_more(conn, node_id, lead, exhausted_too)
+    for due in calls_due:  # a connection for each, not held while the node is told
+        async with pool.acquire() as conn, conn.transaction():
+            call = await store.lock_call(conn, due["id"])
+            if call is None or call["account_id"] is None:
+                continue
+            rate = rate_from_json(call["rate"])
+            assert rate is not None
+            account = await store.lock_account_by_id(conn, call["account_id"])
+            floor = await _floor(conn, call)
+            available = account["balance"] - account["reserved"] - floor
+            chosen = credit.best_grant(
+                credit.grant_options(rate, call["granted_seconds"], call["reserved"], ahead),
+                available)
+            if chosen is None:
+                if not call["exhausted"]:
+                    await store.mark_exhausted(conn, call["id"])
+                continue
+            seconds, extra = chosen
+            await store.hold(conn, account["id"], extra)
+            left = await store.extend(conn, call["id"], seconds, extra, lease)
+        extended += 1
+        await move(Extension(call["callee_channel"] or "", left, time.monotonic()))
     return extended
 
 
@@ -240,8 +241,10 @@ class CdrImport:
         for line in held:
             if line.call_id is not None:
                 self.held.setdefault(line.call_id, HeldLine(line, time.monotonic()))
-        # the file was just read to its end: under steady traffic it seldom stays there
-        # between two looks, and the held lines must not wait for a quiet moment
+        if self.reached is None or self.reached[1] < now[1]:
+            return stored  # not read to its end yet (a backlog, or a record on its way)
+        # read to its end: under steady traffic the file seldom stays there between two
+        # looks, and the held lines must not wait for a quiet moment
         return stored + await self._settle_held()
 
     async def _settle_held(self) -> int:
@@ -295,35 +298,48 @@ async def _import(pool: asyncpg.Pool, node_id: int, path: Path,
             offset = position["offset_"]
             if offset > size:  # truncated in place: it starts again
                 offset = 0
-        elif position:  # a new file: what the former one still held comes first
-            if position["offset_"] > 0:
-                stored += await _finish_replaced(conn, node_id, path, position["file_id"],
-                                                 position["offset_"], held)
+        elif position:  # a new file: what the former ones still held comes first
+            stored += await _finish_replaced(conn, node_id, path, position, held)
             await store.save_position(conn, node_id, ident, 0)
         got, offset = await _import_from(conn, node_id, path, ident, offset, held)
     return stored + got, (ident, offset)
 
 
-async def _finish_replaced(conn: asyncpg.Connection, node_id: int, path: Path, former: str,
-                           offset: int, held: list[CdrLine] | None) -> int:
-    """The node's CDR file was replaced (rotated by renaming it, as logrotate does): the
-    records the former file got after the last import are read from it, found beside the
-    new one by its identity, before the new file. Returns the CDRs stored."""
-    old = await _from_file(cdr_file.find_by_identity, path, former)
-    if old is None:
+async def _finish_replaced(conn: asyncpg.Connection, node_id: int, path: Path,
+                           position: asyncpg.Record, held: list[CdrLine] | None) -> int:
+    """The node's CDR file was replaced (rotated, as logrotate does): the records the former
+    file got after the last import are read from it, found beside the new one by its first
+    line, and so are the files rotated after it (written to since the last import: a long
+    outage may span several rotations), before the new file. Returns the CDRs stored."""
+    offset = position["offset_"]
+    since = position["updated_at"].timestamp() - ROTATION_CLOCK_MARGIN
+    former, later = await _from_file(cdr_file.rotated, path, position["file_id"], since)
+    if former is None and offset > 0:
         log.error("node %s: the CDR file %s was replaced, and its former file is not beside "
                   "it (removed or compressed): any records it got after byte %d were not "
                   "imported", node_id, path, offset)
-        return 0
     stored = 0
-    while True:
-        got, reached = await _import_from(conn, node_id, old, former, offset, held)
-        stored += got
-        if reached == offset:
-            break
-        offset = reached
-    log.info("node %s: the former CDR file %s read to its end (%d CDRs)", node_id, old, stored)
+    for file, ident, start in ([(former, position["file_id"], offset)] if former else []) + \
+            [(f, "", 0) for f in later]:
+        if not ident:
+            now = await _from_file(cdr_file.state, file)
+            if now is None:
+                continue
+            ident = now[0]
+        while True:
+            got, reached = await _import_from(conn, node_id, file, ident, start, held)
+            stored += got
+            if reached == start:
+                break
+            start = reached
+        log.info("node %s: the rotated CDR file %s read to its end", node_id, file)
     return stored
+
+
+# Files rotated within this many seconds before the last import are read again too (they
+# may hold records written after it on a node whose clock is a little ahead; the CDRs are
+# stored once).
+ROTATION_CLOCK_MARGIN = 60.0
 
 
 async def _import_from(conn: asyncpg.Connection, node_id: int, path: Path, ident: str,

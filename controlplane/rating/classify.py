@@ -126,6 +126,7 @@ PERMISSION_FLAGS = {
 _SEPARATORS = re.compile(r"[\s.()/-]")
 _DIALLED = re.compile(r"^\+?[0-9]{1,20}$")
 _CARRIER = re.compile(r"^[1-9][0-9]$")
+_DIGITS = re.compile(r"[0-9]+")
 MAX_E164 = 15
 
 
@@ -196,7 +197,7 @@ def classify(dialled: str, caller_area: str, country: str = BRAZIL) -> Classific
         raise ValueError(f"unknown country code {country!r}")
     cleaned = _SEPARATORS.sub("", dialled)
     if country == BRAZIL and caller_area not in AREA_CODES:
-        short = _short_code(dialled, cleaned) if cleaned.isdigit() else None
+        short = _short_code(dialled, cleaned) if _DIGITS.fullmatch(cleaned) else None
         if short is None:
             raise ValueError(f"unknown Brazilian area code {caller_area!r}")
         return short

@@ -313,8 +313,8 @@ async def calls_by_id(conn: asyncpg.Connection, ids: list[UUID]) -> dict[UUID, a
 
 
 async def import_position(conn: asyncpg.Connection, node_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT file_id, offset_ FROM cdr_import_state WHERE node_id = $1",
-                               node_id)
+    return await conn.fetchrow("SELECT file_id, offset_, updated_at FROM cdr_import_state"
+                               " WHERE node_id = $1", node_id)
 
 
 async def save_position(conn: asyncpg.Connection, node_id: int, file_id: str,

@@ -760,7 +760,7 @@ async def test_a_call_that_found_no_credit_gets_more_time_once_credit_comes_back
     assert account["balance"] == Decimal("1.8000") and account["reserved"] == Decimal("1.8000")
 
 
-@pytest.mark.parametrize("rotation", ["rename", "copytruncate", "removed"])
+@pytest.mark.parametrize("rotation", ["rename", "copytruncate", "removed", "twice"])
 async def test_a_rotated_cdr_file_is_read_to_its_end_before_the_new_one(
         api: Api, db: asyncpg.Pool, tmp_path, caplog, rotation: str):
     """The node's file is rotated (renamed, or copied and emptied in place) with records the
@@ -769,7 +769,7 @@ async def test_a_rotated_cdr_file_is_read_to_its_end_before_the_new_one(
     is imported all the same."""
     node_id, _, exts = await setup(api, credit="10.00")
     admission = Admission(db)
-    reqs = [request(node_id, exts[n], n) for n in range(5)]
+    reqs = [request(node_id, exts[n], n) for n in range(6)]
     decisions = [await admission.decide(r) for r in reqs]
     path = tmp_path / "pbx-cdr.csv"
     path.write_text(file_line(decisions[0], reqs[0], 0.0))
@@ -777,6 +777,9 @@ async def test_a_rotated_cdr_file_is_read_to_its_end_before_the_new_one(
     with path.open("a") as fh:  # written after the last import
         fh.write(file_line(decisions[1], reqs[1], 0.0) + file_line(decisions[2], reqs[2], 0.0))
     rotated = tmp_path / "pbx-cdr.csv.1"
+    if rotation == "twice":  # two rotations while the agent was away
+        path.rename(tmp_path / "pbx-cdr.csv.2")
+        path.write_text(file_line(decisions[5], reqs[5], 0.0))
     if rotation == "copytruncate":
         shutil.copy(path, rotated)
     else:
@@ -788,10 +791,12 @@ async def test_a_rotated_cdr_file_is_read_to_its_end_before_the_new_one(
     path.write_text(file_line(decisions[3], reqs[3], 0.0) * 3)
     former_kept = rotation != "removed"
     with caplog.at_level(logging.ERROR):
-        assert await lifecycle.import_file(db, node_id, path) == (3 if former_kept else 1)
+        assert await lifecycle.import_file(db, node_id, path) == {
+            "twice": 4, "removed": 1}.get(rotation, 3)
     assert await lifecycle.import_file(db, node_id, path) == 0
     stored = {r["uniqueid"] for r in await db.fetch("SELECT uniqueid FROM cdrs")}
     expected = [0, 1, 2, 3] if former_kept else [0, 3]
+    expected += [5] if rotation == "twice" else []
     assert stored == {reqs[n].channel for n in expected}
     assert ("was replaced" in caplog.text) is not former_kept
     with path.open("a") as fh:  # the new file goes on from where it was read to

@@ -160,7 +160,8 @@ def test_a_file_is_known_by_its_first_line_as_well_as_its_inode(tmp_path):
     device_inode = first.rsplit(":", 1)[0]
     assert cdr_file.same_file(device_inode, first)
     assert not cdr_file.same_file(device_inode + "9", first)
-    assert cdr_file.same_file(first, first) and not cdr_file.same_file(empty, first)
+    assert cdr_file.same_file(first, first) and cdr_file.same_file(empty, first)
+    assert not cdr_file.same_file(first, empty)
 
 
 def test_the_former_file_is_found_beside_by_its_first_line(tmp_path):
@@ -168,11 +169,29 @@ def test_the_former_file_is_found_beside_by_its_first_line(tmp_path):
     path.write_bytes(b'"1.1","0"\n')
     ident, _ = cdr_file.state(path)
     (tmp_path / "other.csv").write_bytes(b'"1.1","0"\n')  # not a rotation of this file
-    assert cdr_file.find_by_identity(path, ident) is None
-    path.rename(tmp_path / "pbx-cdr.csv-20261204")
-    path.write_bytes(b'"2.1","0"\n')
-    assert cdr_file.find_by_identity(path, ident) == tmp_path / "pbx-cdr.csv-20261204"
-    assert cdr_file.find_by_identity(path, ident.rsplit(":", 1)[0]) is None
+    assert cdr_file.rotated(path, ident, 0) == (None, [])
+    path.rename(tmp_path / "pbx-cdr.csv-20261203")
+    (tmp_path / "pbx-cdr.csv-20261204").write_bytes(b'"2.1","0"\n')  # rotated after it
+    (tmp_path / "pbx-cdr.csv-20261202.gz").write_bytes(b"\x1f\x8b\x08compressed\n")
+    path.write_bytes(b'"3.1","0"\n')
+    assert cdr_file.rotated(path, ident, 0) == (tmp_path / "pbx-cdr.csv-20261203",
+                                                [tmp_path / "pbx-cdr.csv-20261204"])
+    assert cdr_file.rotated(path, ident, time.time() + 60) == (
+        tmp_path / "pbx-cdr.csv-20261203", [])
+    # a position saved as device:inode only has no first line to find its file by
+    device_inode = ident.rsplit(":", 1)[0]
+    assert cdr_file.rotated(path, device_inode, 0) == (
+        None, [tmp_path / "pbx-cdr.csv-20261203", tmp_path / "pbx-cdr.csv-20261204"])
+
+
+def test_a_position_saved_before_the_first_line_was_whole_stays_the_files(tmp_path):
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_bytes(b'"1.1","0')
+    partial, _ = cdr_file.state(path)
+    with path.open("ab") as fh:
+        fh.write(b'"\n')
+    whole, _ = cdr_file.state(path)
+    assert partial != whole and cdr_file.same_file(partial, whole)
 
 
 @pytest.mark.parametrize("cut_at", [15, 40, 70, len(LINE) - 1])

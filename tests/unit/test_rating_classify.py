@@ -154,6 +154,8 @@ def test_an_unknown_caller_area_or_country_is_a_configuration_error():
     with pytest.raises(ValueError):
         classify("+5511987654321", "20")
     with pytest.raises(ValueError):
+        classify("1\u0662\u0663", "20")  # digits, but not 0-9
+    with pytest.raises(ValueError):
         classify("32345678", "11", country="28")
 
 
