@@ -150,6 +150,10 @@ async def _export(request: web.Request, form: ExportFormat, sql: str,
     async with request.app[POOL].acquire() as conn, conn.transaction():
         # the first rows before the status: a query that fails answers with an error
         cursor = await conn.cursor(sql, *args)
+        # CDRs are stored without waiting for the disk: a commit that does wait, after the
+        # cursor's snapshot, makes every CDR it sees durable before a client gets one
+        async with request.app[POOL].acquire() as other, other.transaction():
+            await other.execute("SELECT pg_current_xact_id()")
         rows = await cursor.fetch(EXPORT_CHUNK)
         response = web.StreamResponse(headers={
             "Content-Type": form.content_type,
