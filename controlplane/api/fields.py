@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from controlplane.rating.classify import AREA_CODES
+
 SAFE_TEXT = re.compile(r"^[\w .@&'+/:-]*$")
 HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
@@ -360,3 +362,11 @@ class Schema:
 
 def _escape(key: str) -> str:
     return str(key).replace("~", "~0").replace("/", "~1")[:100]
+
+
+def area_code(value: Any) -> str:
+    """A Brazilian area code (DDD) in service: calls are classified from it (a code none is
+    would leave none of its caller's calls classifiable)."""
+    if not isinstance(value, str) or value not in AREA_CODES:
+        raise FieldError("must be a Brazilian area code (DDD) in service, such as 11")
+    return value

@@ -377,7 +377,7 @@ class CallControl:
 
     async def _move_end(self, moved: lifecycle.Extension) -> None:
         """Tell the node a call's new end. One it does not take is tried again every tick
-        until its old end, at which the node would cut a call whose time was paid for."""
+        until it does, the call is gone, or the new end itself has passed."""
         channel = moved.callee_channel
         if not channel:
             return

@@ -129,12 +129,6 @@ def _dialled(raw: str) -> str:
     return raw
 
 
-def _area(raw: str) -> str:
-    if raw not in AREA_CODES:
-        raise FieldError("must be a Brazilian area code (DDD) in service, such as 11")
-    return raw
-
-
 def _country(raw: str) -> str:
     if raw not in COUNTRY_CODES:
         raise FieldError("must be a country code in service, such as 55")
@@ -276,7 +270,7 @@ async def quote(request: web.Request) -> web.Response:
     """How a number would be classified, matched and priced with this table."""
     p, key = principal_of(request), path_id(request)
     query = _query(request, {
-        "number": _dialled, "caller_area": _area, "country": _country,
+        "number": _dialled, "caller_area": F.area_code, "country": _country,
         "seconds": _int_param(0, MAX_QUOTE_SECONDS)}, required=("number",))
     c = _classify(query)
     seconds = query.get("seconds", 60)

@@ -29,13 +29,6 @@ from controlplane.store import audit
 
 STATUSES = ("active", "suspended", "cancelled")
 
-def _area_code(value: Any) -> str:
-    if not isinstance(value, str) or value not in AREA_CODES:  # none of its calls would
-        # classify, and none could be placed
-        raise F.FieldError("must be a Brazilian area code (DDD) in service, such as 11")
-    return str(value)
-
-
 TENANT_FIELDS = {
     "dealer_id": F.reference("owning dealer; defaults to the caller"),
     "name": F.text(100, required=True),
@@ -50,7 +43,7 @@ TENANT_FIELDS = {
     "max_extensions": F.integer(nullable=True),
     "max_calls": F.integer(nullable=True, description="cap on simultaneous calls"),
     "status": F.choice(STATUSES),
-    "area_code": F.Field({"type": "string", "enum": sorted(AREA_CODES)}, _area_code,
+    "area_code": F.Field({"type": "string", "enum": sorted(AREA_CODES)}, F.area_code,
                          description="the tenant's area code (DDD) in service, e.g. 11: local"
                                      " and national calls are classified from it"),
     "shared_credit": F.boolean("the tenant's own credit account pays for all its extensions'"
