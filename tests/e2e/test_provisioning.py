@@ -81,6 +81,43 @@ class Platform:
             f"/api/v1/extensions/{ext['id']}/reveal-password"))
         return ext, Phone(ext["account_code"], secret["sip_password"], registrar)
 
+    async def registered(self, phone: Phone, within: float = 5.0) -> float:
+        """Seconds until the phone registers; a failure says what the agent and the node
+        showed, and whether the phone registered later."""
+        try:
+            return await until_registered(phone, within=within)
+        except AssertionError as exc:
+            seen = await self._diagnose(phone)
+            try:
+                later = f"registered {await until_registered(phone, within=30):.1f}s later"
+            except AssertionError:
+                later = "still not registered 30s later"
+            raise AssertionError(f"{later}\n{seen}\n{exc}") from None
+
+    async def _diagnose(self, phone: Phone) -> str:
+        agent = self.agent
+        error = await self.db.fetchval("SELECT last_error FROM nodes WHERE id = $1",
+                                       self.node_id)
+        listeners = await asyncio.create_subprocess_exec(
+            "ss", "-ulpn", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(listeners.communicate(), 10)
+        endpoint = self.node.rx(f"pjsip show endpoint {phone.username}")
+        log = self.node.log_file.read_text(errors="replace").splitlines() \
+            if self.node.log_file.exists() else ["(none)"]
+        return "\n".join([
+            f"agent: reconciles={agent and agent.reconciles} applied={agent and agent.applied}"
+            f" transports={agent and sorted(agent.transports)}"
+            f" marker={agent and agent.markers.get(phone.username)} last_error={error!r}",
+            "node endpoint: " + " | ".join(
+                line.strip() for line in endpoint.splitlines()
+                if line.strip().startswith(("Endpoint:", "InAuth:", "Aor:", "Transport:",
+                                            "Unable", "transport ", "auth ", "aors "))),
+            "node transports: " + self.node.rx("pjsip show transports")[-800:],
+            "node log: " + "\n".join(log[-12:]),
+            "UDP :5060 listeners: " + " | ".join(
+                line for line in out.decode(errors="replace").splitlines() if ":5060" in line),
+        ])
+
 
 @pytest.fixture
 async def platform(api, db, pbx_node, settings, node_credentials) -> AsyncIterator[Platform]:
@@ -99,7 +136,7 @@ async def test_phone_registers_at_its_resellers_address_with_digest_auth(platfor
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     _, phone = await platform.phone(tenant, "1001", RESELLER_A)
-    took = await until_registered(phone, within=5)
+    took = await platform.registered(phone, within=5)
     assert took < 5
     transports = platform.node.rx("pjsip show transports")
     assert f"{RESELLER_A}:5060" in transports
@@ -112,7 +149,7 @@ async def test_an_extension_written_around_the_api_is_not_pushed_and_stops_nothi
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     bad, bad_phone = await platform.phone(tenant, "1001", RESELLER_A)
-    await until_registered(bad_phone)
+    await platform.registered(bad_phone)
     await platform.db.execute("UPDATE extensions SET sip_password = $2 WHERE id = $1",
                               bad["id"], "x]\n[evil-secret")
     await platform.db.execute("SELECT pg_notify('pbx_changes', json_build_object("
@@ -121,7 +158,7 @@ async def test_an_extension_written_around_the_api_is_not_pushed_and_stops_nothi
                               platform.node_id, bad["account_code"])
     _, good = await platform.phone(tenant, "1002", RESELLER_A)
     await platform.agent.caught_up(15)
-    await until_registered(good)
+    await platform.registered(good)
     assert f"extension {bad['account_code']} not pushed" in caplog.text
     assert "evil-secret" not in caplog.text
     assert "[evil" not in platform.node.rx(f"pjsip show auth {bad['account_code']}")
@@ -131,7 +168,7 @@ async def test_wrong_password_is_refused(platform):
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     _, phone = await platform.phone(tenant, "1001", RESELLER_A)
-    await until_registered(phone)
+    await platform.registered(phone)
     wrong = Phone(phone.username, phone.password + "x", phone.registrar)
     assert not (await register(wrong)).ok
 
@@ -140,20 +177,20 @@ async def test_deactivated_extension_can_no_longer_register(platform):
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     ext, phone = await platform.phone(tenant, "1001", RESELLER_A)
-    await until_registered(phone)
+    await platform.registered(phone)
     platform.api.ok(await platform.api.patch(f"/api/v1/extensions/{ext['id']}",
                                              {"active": False}))
     assert await until_refused(phone, within=3) < 3
     platform.api.ok(await platform.api.patch(f"/api/v1/extensions/{ext['id']}",
                                              {"active": True}))
-    await until_registered(phone, within=3)
+    await platform.registered(phone, within=3)
 
 
 async def test_deleted_extension_can_no_longer_register(platform):
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     ext, phone = await platform.phone(tenant, "1001", RESELLER_A)
-    await until_registered(phone)
+    await platform.registered(phone)
     assert (await platform.api.delete(f"/api/v1/extensions/{ext['id']}")).status == 204
     await until_refused(phone, within=3)
     assert "900" not in platform.node.rx(f"database show pbx-ext/{tenant['id']}")
@@ -163,7 +200,7 @@ async def test_cancelled_tenant_phones_can_no_longer_register(platform):
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     _, phone = await platform.phone(tenant, "1001", RESELLER_A)
-    await until_registered(phone)
+    await platform.registered(phone)
     platform.api.ok(await platform.api.post(f"/api/v1/tenants/{tenant['id']}/cancel"))
     await until_refused(phone, within=3)
 
@@ -172,11 +209,11 @@ async def test_rotated_password_takes_effect(platform):
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     ext, phone = await platform.phone(tenant, "1001", RESELLER_A)
-    await until_registered(phone)
+    await platform.registered(phone)
     new = platform.api.ok(await platform.api.post(
         f"/api/v1/extensions/{ext['id']}/rotate-password"))["sip_password"]
     await until_refused(phone, within=3)
-    await until_registered(Phone(phone.username, new, phone.registrar), within=3)
+    await platform.registered(Phone(phone.username, new, phone.registrar), within=3)
 
 
 async def test_api_shows_where_and_with_what_an_extension_is_registered(platform):
@@ -221,8 +258,8 @@ async def test_call_between_extensions_of_one_tenant_connects(platform):
     tenant = await platform.api.tenant(reseller["id"])
     _, caller = await platform.phone(tenant, "1001", RESELLER_A)
     _, callee = await platform.phone(tenant, "1002", RESELLER_A)
-    await until_registered(caller)
-    await until_registered(callee)
+    await platform.registered(caller)
+    await platform.registered(callee)
     answering, _ = await _answering(callee)
     call = await sipp("uac_call.xml", f"{RESELLER_A}:5060", [caller.row("1002")],
                       port=next_port(), timeout=10)
@@ -237,8 +274,8 @@ async def test_call_to_another_tenants_extension_is_refused(platform):
     tenant_b = await platform.api.tenant(reseller_b["id"])
     _, caller = await platform.phone(tenant_a, "1001", RESELLER_A)
     _, other = await platform.phone(tenant_b, "2002", RESELLER_B)
-    await until_registered(caller)
-    await until_registered(other)
+    await platform.registered(caller)
+    await platform.registered(other)
     for dialled in ("2002", other.username):  # its number, and its account code directly
         refused = await sipp("uac_refused.xml", f"{RESELLER_A}:5060",
                              [caller.row(dialled)], port=next_port(), timeout=8)
@@ -252,7 +289,7 @@ async def test_same_number_in_two_tenants_reaches_each_tenants_own_phone(platfor
     _, own = await platform.phone(t1, "1002", RESELLER_A)
     _, foreign = await platform.phone(t2, "1002", RESELLER_A)
     for phone in (caller, own, foreign):
-        await until_registered(phone)
+        await platform.registered(phone)
     answering, _ = await _answering(own)
     call = await sipp("uac_call.xml", f"{RESELLER_A}:5060", [caller.row("1002")],
                       port=next_port(), timeout=10)
@@ -264,7 +301,7 @@ async def test_node_restart_converges_without_any_api_call(platform):
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     _, phone = await platform.phone(tenant, "1001", RESELLER_A)
-    await until_registered(phone)
+    await platform.registered(phone)
     agent = platform.agent
     logins = agent.ami.logins
     node = platform.node
@@ -275,14 +312,14 @@ async def test_node_restart_converges_without_any_api_call(platform):
     await asyncio.get_running_loop().run_in_executor(None, node.start)
     await platform.until(lambda: agent.ami.logins > logins and agent.idle.is_set(),
                          "reconcile after the node restarted", within=30)
-    await until_registered(phone, within=10)
+    await platform.registered(phone, within=10)
 
 
 async def test_agent_restart_converges_a_wiped_node(platform):
     reseller = await platform.reseller(RESELLER_A)
     tenant = await platform.api.tenant(reseller["id"])
     _, phone = await platform.phone(tenant, "1001", RESELLER_A)
-    await until_registered(phone)
+    await platform.registered(phone)
     await platform.stop_agent()
     # While no agent runs: the node loses its objects, and the database changes.
     for kind in ("endpoint", "aor", "auth"):
@@ -293,8 +330,8 @@ async def test_agent_restart_converges_a_wiped_node(platform):
     _, gone = await platform.phone(stale, "1003", RESELLER_A)
     platform.api.ok(await platform.api.post(f"/api/v1/tenants/{stale['id']}/cancel"))
     await platform.start_agent()
-    await until_registered(phone, within=10)
-    await until_registered(late, within=10)
+    await platform.registered(phone, within=10)
+    await platform.registered(late, within=10)
     assert not (await register(gone)).ok
 
 
