@@ -141,10 +141,12 @@ class AmiSession:
         """Ping until the link dies or stop; a ping without answer means a dead peer."""
         while not stop.is_set() and not self._lost.is_set():
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._lost.wait())]
-            done, pending = await asyncio.wait(waiters, timeout=self.ping_interval,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for w in pending:
-                w.cancel()
+            try:
+                done, _ = await asyncio.wait(waiters, timeout=self.ping_interval,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when cancelled: no waiter outlives the watch
+                for w in waiters:
+                    w.cancel()
             if done:
                 return
             try:
