@@ -19,11 +19,14 @@ def new_token(nbytes: int = 32) -> str:
 
 
 def new_sip_password(length: int = 20) -> str:
-    """Strong and safe in any SIP or Asterisk configuration context (letters and digits)."""
+    """Strong and safe in any SIP or Asterisk configuration context (letters and digits).
+
+    Never starting with 0x: some SIP clients (SIPp among them) read such a password as a
+    hexadecimal key and then fail the digest challenge."""
     while True:
         pw = "".join(secrets.choice(_ALPHANUM) for _ in range(length))
         if any(c.isdigit() for c in pw) and any(c.isupper() for c in pw) and any(
-                c.islower() for c in pw):
+                c.islower() for c in pw) and pw[:2].lower() != "0x":
             return pw
 
 

@@ -257,6 +257,28 @@ async def test_outbound_call_goes_to_the_carrier_and_leaves_one_rated_cdr(calls)
     assert await calls.live() == []
 
 
+async def test_a_transfer_is_not_taken_and_the_call_goes_on_billed_to_its_end(calls):
+    """Transfers are not offered: a phone that hands its paid call to another number (a
+    REFER) gets no answer, nothing rings the target, and the call stays the caller's, billed
+    until it hangs up. A transfer the node took would leave the carrier's leg up after the
+    caller's hang-up settled the call."""
+    world, tenant, ext, phone = await calls.outbound_caller()
+    _, target = await calls.phone(tenant, phone.registrar, "2002")
+    await calls.settle()
+    assert (await register(target)).ok
+    carrier = carrier_uas(1, 20)
+    run = await sipp("uac_refer.xml", f"{phone.registrar}:5060",
+                     [phone.row("33334444", "2002")], port=next_port(), timeout=15,
+                     extra=("-d", "2000"))
+    assert run.ok, run.output
+    assert (await carrier).ok, carrier.result().output
+    cdr = await calls.cdr_of(ext)
+    assert cdr["disposition"] == "ANSWERED" and cdr["callee"] == "+551133334444"
+    assert 2.0 < float(cdr["talk_seconds"]) < 4.0 and cdr["billed_seconds"] == 6
+    assert len(await calls.cdrs(tenant_id=tenant["id"])) == 1  # nothing rang 2002
+    assert await calls.live() == []
+
+
 async def test_simultaneous_calls_on_two_nodes_never_exceed_the_dealers_cap(calls):
     cap, attempts = 3, 8
     # eight decisions at once, each a first one (its rates still to be read): on a loaded
