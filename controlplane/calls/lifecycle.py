@@ -39,6 +39,7 @@ class Extension:
     callee_channel: str
     seconds_left: float
     at: float
+    call: str  # the call's id, which the callee channel carries (PBX_ANSWERED)
 
     def left_now(self) -> float:
         return self.seconds_left - (time.monotonic() - self.at)
@@ -82,7 +83,8 @@ async def extend_due(pool: asyncpg.Pool, node_id: int, lead: float, lease: float
             await store.hold(conn, account["id"], extra)
             left = await store.extend(conn, call["id"], seconds, extra, lease)
         extended += 1
-        await move(Extension(call["callee_channel"] or "", left, time.monotonic()))
+        await move(Extension(call["callee_channel"] or "", left, time.monotonic(),
+                             str(call["id"])))
     return extended
 
 

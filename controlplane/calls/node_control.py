@@ -377,7 +377,10 @@ class CallControl:
 
     async def _move_end(self, moved: lifecycle.Extension) -> None:
         """Tell the node a call's new end. One it does not take is tried again every tick
-        until it does, the call is gone, or the new end itself has passed."""
+        until it does, the call is gone, or the new end itself has passed.
+
+        Only on the call's own channel: after a node restart the name may be a newer call's
+        (chan_pjsip's counter starts again), whose end must stay its own grant's."""
         channel = moved.callee_channel
         if not channel:
             return
@@ -387,24 +390,46 @@ class CallControl:
             log.warning("node %s: the end of %s could not be moved in time", self.node_name,
                         channel)
             return
+        if not CHANNEL_NAME.fullmatch(channel):
+            self._unmoved.pop(channel, None)
+            return
         try:
-            reply = await self.ami.action({"Action": "Setvar", "Channel": channel,
-                                           "Variable": "TIMEOUT(absolute)",
-                                           "Value": f"{left:.3f}"})
+            answer = await self._asked(channel, {"Action": "Getvar", "Channel": channel,
+                                                 "Variable": "PBX_ANSWERED"}, moved)
+            if answer is None:
+                return
+            owner = answer.get("Value")
+            if owner != moved.call:
+                self._unmoved.pop(channel, None)
+                log.warning("node %s: %s is now another call's channel (%s); the end of call "
+                            "%s is not moved", self.node_name, channel, owner or "none",
+                            moved.call)
+                return
+            await self._asked(channel, {"Action": "Setvar", "Channel": channel,
+                                        "Variable": "TIMEOUT(absolute)",
+                                        "Value": f"{moved.left_now():.3f}"}, moved, last=True)
         except AmiUnavailable as exc:
             self._unmoved[channel] = moved
             log.warning("node %s: could not move the end of %s (will try again): %s",
                         self.node_name, channel, describe(exc))
-            return
+
+    async def _asked(self, channel: str, action: dict[str, str], moved: lifecycle.Extension,
+                     last: bool = False) -> Mapping[str, Any] | None:
+        """One step of moving an end: its successful reply, else None, the call then gone
+        (forgotten) or the node refusing (tried again next tick)."""
+        reply = await self.ami.action(action)
         answer = reply if isinstance(reply, Mapping) else {}
         if answer.get("Response") == "Success":
-            self._unmoved.pop(channel, None)
-        elif "no such channel" in str(answer.get("Message", "")).lower():
+            if last:
+                self._unmoved.pop(channel, None)
+            return answer
+        if "no such channel" in str(answer.get("Message", "")).lower():
             self._unmoved.pop(channel, None)  # the call ended meanwhile
         else:
             self._unmoved[channel] = moved
             log.warning("node %s: the node refused to move the end of %s (will try again): "
                         "%s", self.node_name, channel, answer.get("Message", "no answer"))
+        return None
 
     # -- leases ---------------------------------------------------------------------------
     async def channels(self) -> list[str]:

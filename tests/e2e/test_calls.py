@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
@@ -384,6 +385,44 @@ async def test_calls_sharing_one_account_never_overrun_it(calls):
     assert sum(c["billed_seconds"] for c in cdrs) <= 30 + 6
     account = calls.api.ok(await calls.api.get(f"/api/v1/tenants/{tenant['id']}/credit"))
     assert Decimal("-0.60") <= Decimal(account["balance"]) <= Decimal("0.60"), account
+    assert Decimal(account["reserved"]) == 0
+
+
+async def test_a_new_end_goes_only_to_a_channel_still_carrying_its_call(calls):
+    """The callee channel's name is all a new end is sent by; after a node restart that name
+    may be a newer call's. Here the talking callee channel is made to carry another call's
+    id: the agent then leaves its end alone, and the call ends at its first grant (6 s)
+    although its account could pay for minutes more."""
+    calls.ahead = 6
+    for i in list(calls.agents):
+        await calls.stop_agent(i)
+        await calls.start_agent(i)
+    _, _, ext, phone = await calls.outbound_caller()
+    agent = calls.agents[0][0]
+    carrier = carrier_uas(1, 40)
+    call = asyncio.create_task(place(phone, "33334444", scenario="uac_until_cut.xml",
+                                     timeout=25))
+
+    async def answered() -> bool:
+        return bool(await calls.db.fetchval("SELECT callee_channel FROM calls"))
+
+    await until(answered, "the answer")
+    callee, call_id = await calls.db.fetchrow("SELECT callee_channel, id FROM calls")
+    owner = await agent.ami.action({"Action": "Getvar", "Channel": callee,
+                                    "Variable": "PBX_ANSWERED"})
+    assert owner.get("Value") == str(call_id)  # what the dialplan set as it answered
+    reply = await agent.ami.action({"Action": "Setvar", "Channel": callee,
+                                    "Variable": "PBX_ANSWERED", "Value": str(uuid.uuid4())})
+    assert reply.get("Response") == "Success"
+    run = await call
+    assert run.ok, run.output  # cut by the node
+    assert (await carrier).ok, carrier.result().output
+    cdr = await calls.cdr_of(ext)
+    assert abs(float(cdr["talk_seconds"]) - 6.0) <= 0.5, cdr
+    account = calls.api.ok(await calls.api.get(f"/api/v1/extensions/{ext['id']}/credit"))
+    # a talk a hair over 6 s is billed its second increment, which was reserved for it
+    assert cdr["billed_seconds"] in (6, 12)
+    assert Decimal(account["balance"]) == Decimal("50.00") - Decimal(cdr["price"])
     assert Decimal(account["reserved"]) == 0
 
 

@@ -447,49 +447,71 @@ class ScriptedAmi(FakeAmi):
         return reply
 
 
+OWNED = {"Response": "Success", "Variable": "PBX_ANSWERED", "Value": "call-1"}
+
+
 async def test_a_new_end_is_sent_as_what_is_left_when_it_is_sent():
-    ami = ScriptedAmi([{"Response": "Success"}])
+    ami = ScriptedAmi([OWNED, {"Response": "Success"}])
     calls = control(ami)
-    await calls._move_end(lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic() - 5))
-    [sent] = ami.actions
+    await calls._move_end(lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic() - 5,
+                                              "call-1"))
+    asked, sent = ami.actions
+    assert asked == {"Action": "Getvar", "Channel": "PJSIP/b-1", "Variable": "PBX_ANSWERED"}
     assert sent["Channel"] == "PJSIP/b-1" and sent["Variable"] == "TIMEOUT(absolute)"
     assert 24.5 < float(sent["Value"]) <= 25.0
     assert calls._unmoved == {}
 
 
+async def test_a_new_end_is_not_sent_to_a_channel_of_that_name_that_is_another_calls():
+    """After a node restart chan_pjsip names channels from 1 again: the name a call's callee
+    had may be a newer call's, whose end must stay that of its own grant."""
+    ami = ScriptedAmi([{**OWNED, "Value": "call-2"}, {"Response": "Success", "Value": ""}])
+    calls = control(ami)
+    for _ in range(2):  # another call's, or one that says nothing (a channel of no call)
+        moved = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(), "call-1")
+        calls._unmoved["PJSIP/b-1"] = moved
+        await calls._move_end(moved)
+        assert calls._unmoved == {}
+    assert [a["Action"] for a in ami.actions] == ["Getvar", "Getvar"]
+
+
 async def test_a_new_end_the_node_did_not_take_is_sent_again_until_it_does():
     ami = ScriptedAmi([AmiUnavailable("not connected"),
-                       {"Response": "Error", "Message": "Variable not set"},
-                       {"Response": "Success"}])
+                       {"Response": "Error", "Message": "Permission denied"},
+                       OWNED, {"Response": "Error", "Message": "Variable not set"},
+                       OWNED, {"Response": "Success"}])
     calls = control(ami)
-    moved = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic())
+    moved = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(), "call-1")
+    for _ in range(3):
+        await calls._move_end(moved)
+        assert calls._unmoved == {"PJSIP/b-1": moved}
     await calls._move_end(moved)
-    assert calls._unmoved == {"PJSIP/b-1": moved}
-    await calls._move_end(moved)
-    assert calls._unmoved == {"PJSIP/b-1": moved}
-    await calls._move_end(moved)
-    assert calls._unmoved == {} and len(ami.actions) == 3
+    assert calls._unmoved == {} and len(ami.actions) == 6
+    assert ami.actions[-1]["Variable"] == "TIMEOUT(absolute)"
 
 
 async def test_a_new_end_is_given_up_when_the_call_is_gone_or_its_old_end_passed():
-    ami = ScriptedAmi([{"Response": "Error", "Message": "No such channel"}])
+    ami = ScriptedAmi([{"Response": "Error", "Message": "No such channel"},
+                       OWNED, {"Response": "Error", "Message": "No such channel"}])
     calls = control(ami)
-    gone = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic())
-    calls._unmoved["PJSIP/b-1"] = gone
-    await calls._move_end(gone)
-    assert calls._unmoved == {}
-    late = lifecycle.Extension("PJSIP/b-2", 3.0, time.monotonic() - 4)
+    for _ in range(2):  # gone before the look at its owner, or between it and the new end
+        gone = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(), "call-1")
+        calls._unmoved["PJSIP/b-1"] = gone
+        await calls._move_end(gone)
+        assert calls._unmoved == {}
+    late = lifecycle.Extension("PJSIP/b-2", 3.0, time.monotonic() - 4, "call-2")
     calls._unmoved["PJSIP/b-2"] = late
     await calls._move_end(late)
-    assert calls._unmoved == {} and len(ami.actions) == 1
+    assert calls._unmoved == {} and len(ami.actions) == 3
 
 
 async def test_the_extension_loop_sends_again_what_the_node_did_not_take(
         monkeypatch: pytest.MonkeyPatch):
-    ami = ScriptedAmi([{"Response": "Success"}] * 10)
+    ami = ScriptedAmi([OWNED, {"Response": "Success"}])
     ami.connected.set()
     calls = control(ami)
-    calls._unmoved["PJSIP/b-1"] = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic())
+    calls._unmoved["PJSIP/b-1"] = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(),
+                                                      "call-1")
     stop = asyncio.Event()
     asked: list[bool] = []
 
@@ -501,7 +523,8 @@ async def test_the_extension_loop_sends_again_what_the_node_did_not_take(
 
     monkeypatch.setattr(lifecycle, "extend_due", extend_due)
     await asyncio.wait_for(calls._extend_loop(stop), 5)
-    assert [a["Channel"] for a in ami.actions] == ["PJSIP/b-1"]
+    assert [(a["Action"], a["Channel"]) for a in ami.actions] == [
+        ("Getvar", "PJSIP/b-1"), ("Setvar", "PJSIP/b-1")]
     assert calls._unmoved == {} and asked == [True]
 
 
