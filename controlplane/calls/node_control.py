@@ -384,13 +384,7 @@ class CallControl:
         channel = moved.callee_channel
         if not channel:
             return
-        left = moved.left_now()
-        if left <= 0:  # too late: the node has ended the call at its old end
-            self._unmoved.pop(channel, None)
-            log.warning("node %s: the end of %s could not be moved in time", self.node_name,
-                        channel)
-            return
-        if not CHANNEL_NAME.fullmatch(channel):
+        if self._too_late(moved) or not CHANNEL_NAME.fullmatch(channel):
             self._unmoved.pop(channel, None)
             return
         try:
@@ -405,13 +399,26 @@ class CallControl:
                             "%s is not moved", self.node_name, channel, owner or "none",
                             moved.call)
                 return
+            if self._too_late(moved):  # time went by while the node was asked
+                self._unmoved.pop(channel, None)
+                return
+            # never below a millisecond: TIMEOUT(absolute)=0 would take the call's end away
             await self._asked(channel, {"Action": "Setvar", "Channel": channel,
                                         "Variable": "TIMEOUT(absolute)",
-                                        "Value": f"{moved.left_now():.3f}"}, moved, last=True)
+                                        "Value": f"{max(moved.left_now(), 0.001):.3f}"},
+                              moved, last=True)
         except AmiUnavailable as exc:
             self._unmoved[channel] = moved
             log.warning("node %s: could not move the end of %s (will try again): %s",
                         self.node_name, channel, describe(exc))
+
+    def _too_late(self, moved: lifecycle.Extension) -> bool:
+        """Whether the new end comes after the old one passed: the node ended the call."""
+        if moved.left_now() >= 0.001:
+            return False
+        log.warning("node %s: the end of %s could not be moved in time", self.node_name,
+                    moved.callee_channel)
+        return True
 
     async def _asked(self, channel: str, action: dict[str, str], moved: lifecycle.Extension,
                      last: bool = False) -> Mapping[str, Any] | None:

@@ -490,6 +490,29 @@ async def test_a_new_end_the_node_did_not_take_is_sent_again_until_it_does():
     assert ami.actions[-1]["Variable"] == "TIMEOUT(absolute)"
 
 
+async def test_a_new_end_that_runs_out_while_the_node_is_asked_is_never_sent_as_zero(
+        monkeypatch: pytest.MonkeyPatch):
+    """TIMEOUT(absolute)=0 takes a channel's end away: an end that passed while its owner
+    was looked at is given up, and what is sent is never below a millisecond."""
+    ami = ScriptedAmi([OWNED, OWNED, {"Response": "Success"}])
+    calls = control(ami)
+    now = [100.0]
+    monkeypatch.setattr(lifecycle.time, "monotonic", lambda: now[0])
+
+    async def slow_action(message: dict[str, str], timeout: float = 5) -> dict[str, str]:
+        now[0] += 0.0004  # each reply takes 0.4 ms of the time left
+        return await ScriptedAmi.action(ami, message, timeout)
+
+    ami.action = slow_action  # type: ignore[method-assign]
+    passed = lifecycle.Extension("PJSIP/b-1", 0.0012, now[0], "call-1")
+    await calls._move_end(passed)
+    assert [a["Action"] for a in ami.actions] == ["Getvar"] and calls._unmoved == {}
+    barely = lifecycle.Extension("PJSIP/b-1", 0.0016, now[0], "call-1")
+    await calls._move_end(barely)
+    assert [a["Action"] for a in ami.actions] == ["Getvar", "Getvar", "Setvar"]
+    assert ami.actions[-1]["Value"] == "0.001"
+
+
 async def test_a_new_end_is_given_up_when_the_call_is_gone_or_its_old_end_passed():
     ami = ScriptedAmi([{"Response": "Error", "Message": "No such channel"},
                        OWNED, {"Response": "Error", "Message": "No such channel"}])
