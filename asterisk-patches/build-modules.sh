@@ -1,5 +1,6 @@
 #!/bin/sh
-# Build the Asterisk modules that asterisk-patches/ changes (res_pjsip.so, res_sorcery_astdb.so)
+# Build the Asterisk modules that asterisk-patches/ changes (res_pjsip.so, res_sorcery_astdb.so,
+# res_pjsip_refer.so)
 # for the Asterisk installed on this Debian system, from Debian's own source package of exactly
 # that version, with the patches in this directory applied.
 #
@@ -19,7 +20,7 @@ patch_dir=$(cd "${1:?patch directory}" && pwd)
 out=${2:?output directory}
 work=${3:-/build/asterisk-modules}
 # The modules the patches touch (res/<name>.so in Asterisk's tree).
-modules="res_pjsip res_sorcery_astdb"
+modules="res_pjsip res_sorcery_astdb res_pjsip_refer"
 
 say() { printf '[build-modules] %s\n' "$*"; }
 apt_get() { apt-get -o Acquire::Check-Valid-Until=false "$@"; }

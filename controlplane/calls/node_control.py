@@ -94,13 +94,20 @@ def carrier_objects(carrier: Mapping[str, Any]) -> list[tuple[str, str, list[tup
         ("endpoint", name, [("context", "pbx-from-carrier"), ("aors", name),
                             ("disallow", "all"), ("allow", "ulaw,alaw"),
                             ("direct_media", "no"), ("rtp_symmetric", "yes"),
-                            ("send_pai", "yes"), ("trust_id_outbound", "yes")]),
+                            ("send_pai", "yes"), ("trust_id_outbound", "yes"),
+                            ("allow_transfer", "no")]),
         ("identify", name, [("endpoint", name), ("match", host)]),
     ]
 
 
+# Moved whenever carrier_objects changes, so that the carriers already on a node are pushed
+# again (2: allow_transfer=no).
+CARRIER_OBJECTS_VERSION = 2
+
+
 def carrier_fingerprint(carrier: Mapping[str, Any]) -> str:
-    return f"{carrier['host']}:{carrier['port']}:{carrier['transport']}"
+    return (f"v{CARRIER_OBJECTS_VERSION}:{carrier['host']}:{carrier['port']}:"
+            f"{carrier['transport']}")
 
 
 def admitted_call(answer: Mapping[str, str]) -> uuid.UUID | None:

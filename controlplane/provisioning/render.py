@@ -75,6 +75,9 @@ class ExtensionState:
             ("rewrite_contact", "yes"),
             ("callerid", f'"{display}" <{self.number}>'),
             ("accountcode", code),
+            # no transfers (README, "Transfers are not offered"): a REFER gets 603, and an
+            # INVITE with Replaces too (asterisk-patches/)
+            ("allow_transfer", "no"),
             ("set_var", f"PBX_TENANT={self.tenant_id}"),
             ("set_var", f"PBX_EXTEN={self.number}"),
         ]

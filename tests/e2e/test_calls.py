@@ -258,11 +258,11 @@ async def test_outbound_call_goes_to_the_carrier_and_leaves_one_rated_cdr(calls)
     assert await calls.live() == []
 
 
-async def test_a_transfer_is_not_taken_and_the_call_goes_on_billed_to_its_end(calls):
+async def test_a_transfer_is_declined_and_the_call_goes_on_billed_to_its_end(calls):
     """Transfers are not offered: a phone that hands its paid call to another number (a
-    REFER) gets no answer, nothing rings the target, and the call stays the caller's, billed
-    until it hangs up. A transfer the node took would leave the carrier's leg up after the
-    caller's hang-up settled the call."""
+    REFER) is declined (603), nothing rings the target, and the call stays the caller's,
+    billed until it hangs up. A transfer the node took would leave the carrier's leg up
+    after the caller's hang-up settled the call."""
     world, tenant, ext, phone = await calls.outbound_caller()
     _, target = await calls.phone(tenant, phone.registrar, "2002")
     await calls.settle()

@@ -234,7 +234,8 @@ def test_the_root_runs_modules_built_from_asterisk_patches(sandbox_root: Path) -
     if wanted == patched_modules.STOCK:  # PBX_SANDBOX_STOCK_ASTERISK=1: Debian's, as shipped
         assert modules == []
         return
-    assert sorted(Path(m).name for m in modules) == ["res_pjsip.so", "res_sorcery_astdb.so"]
+    assert sorted(Path(m).name for m in modules) == ["res_pjsip.so", "res_pjsip_refer.so",
+                                                          "res_sorcery_astdb.so"]
     for path in modules:
         module = sandbox_root / path.lstrip("/")
         package_module = module.with_name(module.name + ".debian")

@@ -163,3 +163,18 @@ def test_node_credentials_stay_out_of_their_clients_repr():
 
     assert "s3cret" not in repr(AmiSession("127.0.0.1", 5038, "agent", "s3cret"))
     assert "s3cret" not in repr(AriClient("http://127.0.0.1:8088", "agent", "s3cret"))
+
+
+def test_no_endpoint_pushed_to_a_node_may_transfer_a_call():
+    """Transfers are not offered (README): an extension's or a carrier's REFER, or INVITE
+    with Replaces, is declined; a carrier pushed before this must be pushed again."""
+    from controlplane.calls.node_control import carrier_fingerprint, carrier_objects
+    from controlplane.provisioning.render import ExtensionState
+
+    ext = ExtensionState(account_code="123456", tenant_id=1, number="1001", name="",
+                         sip_password="Abcdefgh1234", max_calls=None, transport=None)
+    carrier = {"id": 3, "host": "192.0.2.7", "port": 5060, "transport": "udp"}
+    for objects in (ext.objects(), carrier_objects(carrier)):
+        [endpoint] = [dict(fields) for kind, _, fields in objects if kind == "endpoint"]
+        assert endpoint["allow_transfer"] == "no"
+    assert carrier_fingerprint(carrier) != "192.0.2.7:5060:udp"  # the format before it
