@@ -280,6 +280,35 @@ async def test_a_transfer_is_declined_and_the_call_goes_on_billed_to_its_end(cal
     assert await calls.live() == []
 
 
+async def test_a_call_cannot_be_replaced_from_outside_its_admission(calls, tmp_path):
+    """An INVITE with Replaces naming an established call (an attended transfer's last step,
+    or a pick-up) would put a new channel in the call's place, outside the dialplan: the
+    caller's leg would hang up and settle the call while the carrier's leg went on unbilled.
+    The node declines it (603), and the call goes on, the caller's, billed to its end."""
+    world, tenant, ext, phone = await calls.outbound_caller()
+    log = tmp_path / "dialog.log"
+    carrier = carrier_uas(1, 30)
+    held = asyncio.create_task(sipp(
+        "uac_hold_logged.xml", f"{phone.registrar}:5060", [phone.row("33334444", str(log))],
+        port=next_port(), timeout=20, extra=("-d", "4000")))
+
+    async def logged() -> bool:
+        return log.exists() and len(log.read_text().split()) >= 3
+
+    await until(logged, "the call's dialog in the log")
+    call_id, own_tag, node_tag = log.read_text().split()[-3:]
+    replacing = await sipp("uac_replaces.xml", f"{phone.registrar}:5060",
+                           [phone.row("33334444", call_id, own_tag, node_tag)],
+                           port=next_port(), timeout=10)
+    assert replacing.ok, replacing.output
+    run = await held
+    assert run.ok, run.output
+    assert (await carrier).ok, carrier.result().output
+    cdr = await calls.cdr_of(ext)
+    assert cdr["disposition"] == "ANSWERED" and 3.5 < float(cdr["talk_seconds"]) < 5.5
+    assert await calls.live() == []
+
+
 async def test_simultaneous_calls_on_two_nodes_never_exceed_the_dealers_cap(calls):
     cap, attempts = 3, 8
     # eight decisions at once, each a first one (its rates still to be read): on a loaded
