@@ -140,6 +140,7 @@ class CallControl:
         self.cdrs_imported = 0
         self._answering: set[asyncio.Task[Any]] = set()
         # new ends the node has not taken yet (AMI away, or an error reply), by channel
+        # new ends the node did not take, by call (a channel's name may be two calls')
         self._unmoved: dict[str, lifecycle.Extension] = {}
         self.answers_lost = False  # an answer was not recorded: ask the node for it
 
@@ -323,8 +324,11 @@ class CallControl:
                     "released", self.node_name, call_id, why)
 
     async def _answer(self, req: AgiRequest) -> Mapping[str, str]:
-        grant = await self._record_answer(req.args[0] if req.args else "", req.channel)
-        return {} if grant is None else {"TIMEOUT(absolute)": f"{grant:.3f}"}
+        call = req.args[0] if req.args else ""
+        grant = await self._record_answer(call, req.channel)
+        # the channel says whose it is, as pbx-answered has it say (see _move_end)
+        return {} if grant is None else {"TIMEOUT(absolute)": f"{grant:.3f}",
+                                         "PBX_ANSWERED": call}
 
     def _on_user_event(self, manager: Any, event: Any) -> None:
         if event.get("UserEvent") != "PbxAnswered":
@@ -392,7 +396,7 @@ class CallControl:
         if not channel:
             return
         if self._too_late(moved) or not CHANNEL_NAME.fullmatch(channel):
-            self._unmoved.pop(channel, None)
+            self._unmoved.pop(moved.call, None)
             return
         try:
             answer = await self._asked(channel, {"Action": "Getvar", "Channel": channel,
@@ -401,13 +405,13 @@ class CallControl:
                 return
             owner = answer.get("Value")
             if owner != moved.call:
-                self._unmoved.pop(channel, None)
+                self._unmoved.pop(moved.call, None)
                 log.warning("node %s: %s is now another call's channel (%s); the end of call "
                             "%s is not moved", self.node_name, channel, owner or "none",
                             moved.call)
                 return
             if self._too_late(moved):  # time went by while the node was asked
-                self._unmoved.pop(channel, None)
+                self._unmoved.pop(moved.call, None)
                 return
             # never below a millisecond: TIMEOUT(absolute)=0 would take the call's end away
             await self._asked(channel, {"Action": "Setvar", "Channel": channel,
@@ -415,7 +419,7 @@ class CallControl:
                                         "Value": f"{max(moved.left_now(), 0.001):.3f}"},
                               moved, last=True)
         except AmiUnavailable as exc:
-            self._unmoved[channel] = moved
+            self._unmoved[moved.call] = moved
             log.warning("node %s: could not move the end of %s (will try again): %s",
                         self.node_name, channel, describe(exc))
 
@@ -435,12 +439,12 @@ class CallControl:
         answer = reply if isinstance(reply, Mapping) else {}
         if answer.get("Response") == "Success":
             if last:
-                self._unmoved.pop(channel, None)
+                self._unmoved.pop(moved.call, None)
             return answer
         if "no such channel" in str(answer.get("Message", "")).lower():
-            self._unmoved.pop(channel, None)  # the call ended meanwhile
+            self._unmoved.pop(moved.call, None)  # the call ended meanwhile
         else:
-            self._unmoved[channel] = moved
+            self._unmoved[moved.call] = moved
             log.warning("node %s: the node refused to move the end of %s (will try again): "
                         "%s", self.node_name, channel, answer.get("Message", "no answer"))
         return None

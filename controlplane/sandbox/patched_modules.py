@@ -10,7 +10,9 @@ originals stay next to them as ``<module>.so.debian``). The root's marker record
 set, so a root built before the patches changed is rebuilt on its next use.
 
 ``PBX_SANDBOX_STOCK_ASTERISK=1`` keeps (or puts back) Debian's modules as shipped: nodes then
-stay fast only up to a few thousand extensions.
+stay fast only up to a few thousand extensions, and an INVITE with Replaces from a phone takes
+an established call's place although its endpoint may not transfer (the e2e test of that
+fails then).
 """
 
 from __future__ import annotations

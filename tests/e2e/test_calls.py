@@ -420,9 +420,9 @@ async def test_calls_sharing_one_account_never_overrun_it(calls):
 async def test_a_new_end_goes_only_to_a_channel_still_carrying_its_call(calls):
     """The callee channel's name is all a new end is sent by; after a node restart that name
     may be a newer call's. Here the talking callee channel is made to carry another call's
-    id: the agent then leaves its end alone, and the call ends at its first grant (6 s)
+    id: the agent then leaves its end alone, and the call ends at its first grant (12 s)
     although its account could pay for minutes more."""
-    calls.ahead = 6
+    calls.ahead = 12  # the first grant; more is due 5 s before it ends
     for i in list(calls.agents):
         await calls.stop_agent(i)
         await calls.start_agent(i)
@@ -430,7 +430,7 @@ async def test_a_new_end_goes_only_to_a_channel_still_carrying_its_call(calls):
     agent = calls.agents[0][0]
     carrier = carrier_uas(1, 40)
     call = asyncio.create_task(place(phone, "33334444", scenario="uac_until_cut.xml",
-                                     timeout=25))
+                                     timeout=30))
 
     async def answered() -> bool:
         return bool(await calls.db.fetchval("SELECT callee_channel FROM calls"))
@@ -443,14 +443,16 @@ async def test_a_new_end_goes_only_to_a_channel_still_carrying_its_call(calls):
     reply = await agent.ami.action({"Action": "Setvar", "Channel": callee,
                                     "Variable": "PBX_ANSWERED", "Value": str(uuid.uuid4())})
     assert reply.get("Response") == "Success"
+    # done before the call was due for more time (else this test proves nothing)
+    assert await calls.db.fetchval("SELECT granted_seconds FROM calls") == 12
     run = await call
     assert run.ok, run.output  # cut by the node
     assert (await carrier).ok, carrier.result().output
     cdr = await calls.cdr_of(ext)
-    assert abs(float(cdr["talk_seconds"]) - 6.0) <= 0.5, cdr
+    assert abs(float(cdr["talk_seconds"]) - 12.0) <= 0.5, cdr
     account = calls.api.ok(await calls.api.get(f"/api/v1/extensions/{ext['id']}/credit"))
-    # a talk a hair over 6 s is billed its second increment, which was reserved for it
-    assert cdr["billed_seconds"] in (6, 12)
+    # a talk a hair over 12 s is billed its next increment, which was reserved for it
+    assert cdr["billed_seconds"] in (12, 18)
     assert Decimal(account["balance"]) == Decimal("50.00") - Decimal(cdr["price"])
     assert Decimal(account["reserved"]) == 0
 

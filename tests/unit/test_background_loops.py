@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import types
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -469,10 +470,44 @@ async def test_a_new_end_is_not_sent_to_a_channel_of_that_name_that_is_another_c
     calls = control(ami)
     for _ in range(2):  # another call's, or one that says nothing (a channel of no call)
         moved = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(), "call-1")
-        calls._unmoved["PJSIP/b-1"] = moved
+        calls._unmoved["call-1"] = moved
         await calls._move_end(moved)
         assert calls._unmoved == {}
     assert [a["Action"] for a in ami.actions] == ["Getvar", "Getvar"]
+
+
+async def test_a_new_end_owed_to_a_call_survives_an_older_call_of_the_same_channel_name():
+    """Right after a node restart an old call (lease not yet lapsed) and a new one may share
+    their callee's name: what the old one finds there never drops the new one's new end."""
+    ami = ScriptedAmi([{**OWNED, "Value": "call-2"}, AmiUnavailable("not connected"),
+                       {**OWNED, "Value": "call-2"}, {"Response": "Success"}])
+    calls = control(ami)
+    new = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(), "call-2")
+    calls._unmoved["call-2"] = new
+    old = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(), "call-1")
+    await calls._move_end(old)  # the name is call-2's: call-1's end is not moved
+    assert calls._unmoved == {"call-2": new}
+    await calls._move_end(old)  # the node away: call-1 waits beside call-2
+    assert calls._unmoved == {"call-2": new, "call-1": old}
+    await calls._move_end(new)
+    assert calls._unmoved == {"call-1": old}
+    assert ami.actions[-1] == {"Action": "Setvar", "Channel": "PJSIP/b-1",
+                               "Variable": "TIMEOUT(absolute)",
+                               "Value": ami.actions[-1]["Value"]}
+
+
+async def test_an_answer_through_fastagi_marks_the_channel_as_the_calls(
+        monkeypatch: pytest.MonkeyPatch):
+    """Dialplans of earlier releases report the answer by the FastAGI script `answer`: the
+    channel is told whose it is there too, or its end could never be moved."""
+    calls = control()
+
+    async def answered(call: str, channel: str, at: Any = None) -> float:
+        return 30.0
+
+    monkeypatch.setattr(calls, "_record_answer", answered)
+    variables = await calls._answer(AgiRequest("answer", ("call-7",), {}))
+    assert variables == {"TIMEOUT(absolute)": "30.000", "PBX_ANSWERED": "call-7"}
 
 
 async def test_a_new_end_the_node_did_not_take_is_sent_again_until_it_does():
@@ -484,7 +519,7 @@ async def test_a_new_end_the_node_did_not_take_is_sent_again_until_it_does():
     moved = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(), "call-1")
     for _ in range(3):
         await calls._move_end(moved)
-        assert calls._unmoved == {"PJSIP/b-1": moved}
+        assert calls._unmoved == {"call-1": moved}
     await calls._move_end(moved)
     assert calls._unmoved == {} and len(ami.actions) == 6
     assert ami.actions[-1]["Variable"] == "TIMEOUT(absolute)"
@@ -497,7 +532,7 @@ async def test_a_new_end_that_runs_out_while_the_node_is_asked_is_never_sent_as_
     ami = ScriptedAmi([OWNED, OWNED, {"Response": "Success"}])
     calls = control(ami)
     now = [100.0]
-    monkeypatch.setattr(lifecycle.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(lifecycle, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
 
     async def slow_action(message: dict[str, str], timeout: float = 5) -> dict[str, str]:
         now[0] += 0.0004  # each reply takes 0.4 ms of the time left
@@ -519,11 +554,11 @@ async def test_a_new_end_is_given_up_when_the_call_is_gone_or_its_old_end_passed
     calls = control(ami)
     for _ in range(2):  # gone before the look at its owner, or between it and the new end
         gone = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(), "call-1")
-        calls._unmoved["PJSIP/b-1"] = gone
+        calls._unmoved["call-1"] = gone
         await calls._move_end(gone)
         assert calls._unmoved == {}
     late = lifecycle.Extension("PJSIP/b-2", 3.0, time.monotonic() - 4, "call-2")
-    calls._unmoved["PJSIP/b-2"] = late
+    calls._unmoved["call-2"] = late
     await calls._move_end(late)
     assert calls._unmoved == {} and len(ami.actions) == 3
 
@@ -533,7 +568,7 @@ async def test_the_extension_loop_sends_again_what_the_node_did_not_take(
     ami = ScriptedAmi([OWNED, {"Response": "Success"}])
     ami.connected.set()
     calls = control(ami)
-    calls._unmoved["PJSIP/b-1"] = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(),
+    calls._unmoved["call-1"] = lifecycle.Extension("PJSIP/b-1", 30.0, time.monotonic(),
                                                       "call-1")
     stop = asyncio.Event()
     asked: list[bool] = []
