@@ -13,7 +13,7 @@ import asyncpg
 
 from controlplane.billing import export
 from controlplane.calls import lifecycle
-from controlplane.calls.node_control import surviving
+from controlplane.calls.node_control import surviving, wait_or_stop
 from controlplane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,24 +47,18 @@ async def _calls(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Event) ->
             async with surviving("call housekeeping: call counters", stop, ERRORS,
                                  timeout=settings.db_timeout):
                 await lifecycle.recount_counters(pool, settings.db_timeout)
-        await _pause(stop, SWEEP_EVERY)
+        await wait_or_stop(stop, SWEEP_EVERY)
 
 
 async def _exports(pool: asyncpg.Pool, settings: Settings, stop: asyncio.Event) -> None:
     if not settings.cdr_export_dir:
         return
     while not stop.is_set():
-        pause = EXPORT_RETRY
+        wait = EXPORT_RETRY
         async with surviving("call housekeeping: CDR export", stop, ERRORS,
                              timeout=settings.db_timeout):
             await export.export_closed_periods(pool, Path(settings.cdr_export_dir),
                                                settings.cdr_export_period)
-            pause = EXPORT_EVERY
-        await _pause(stop, pause)
+            wait = EXPORT_EVERY
+        await wait_or_stop(stop, wait)
 
-
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

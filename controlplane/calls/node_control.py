@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -100,14 +101,11 @@ def carrier_objects(carrier: Mapping[str, Any]) -> list[tuple[str, str, list[tup
     ]
 
 
-# Moved whenever carrier_objects changes, so that the carriers already on a node are pushed
-# again (2: allow_transfer=no).
-CARRIER_OBJECTS_VERSION = 2
-
-
 def carrier_fingerprint(carrier: Mapping[str, Any]) -> str:
-    return (f"v{CARRIER_OBJECTS_VERSION}:{carrier['host']}:{carrier['port']}:"
-            f"{carrier['transport']}")
+    """What the node keeps of a carrier it was given: a digest of its objects, so that any
+    change of them, a new option of this release's included, has it pushed again."""
+    data = json.dumps(carrier_objects(carrier), separators=(",", ":"))
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 def admitted_call(answer: Mapping[str, str]) -> uuid.UUID | None:
@@ -384,7 +382,7 @@ class CallControl:
                     await lifecycle.extend_due(self.pool, self.node_id, self.config.lead,
                                                self.config.lease, self._move_end,
                                                self.config.ahead, exhausted_too=retry)
-            await _pause(stop, self.config.tick)
+            await wait_or_stop(stop, self.config.tick)
 
     async def _move_end(self, moved: lifecycle.Extension) -> None:
         """Tell the node a call's new end. One it does not take is tried again every tick
@@ -495,7 +493,7 @@ class CallControl:
                     sweeps.failed()
                     raise
                 await sweeps.run()
-            await _pause(stop, self.config.lease_every)
+            await wait_or_stop(stop, self.config.lease_every)
 
     async def _listed_channels(self) -> list[str] | None:
         """The node's channels; None when they cannot be listed (no link, or a link that
@@ -528,7 +526,7 @@ class CallControl:
         while not stop.is_set():
             async with self._surviving("CDR import", stop, DB_ERRORS):
                 self.cdrs_imported += await cdrs.run()
-            await _pause(stop, self.config.cdr_every)
+            await wait_or_stop(stop, self.config.cdr_every)
 
     # -- carriers -------------------------------------------------------------------------
     async def _carrier_loop(self, stop: asyncio.Event) -> None:
@@ -644,11 +642,11 @@ async def surviving(what: str, stop: asyncio.Event, expected: tuple[type[Excepti
         if not isinstance(exc, expected):
             log.exception("%s failed on an unexpected error; going on in %g s", what,
                           UNEXPECTED_PAUSE)
-            await _pause(stop, UNEXPECTED_PAUSE)
+            await wait_or_stop(stop, UNEXPECTED_PAUSE)
             return
         log.warning("%s failed: %s", what, describe(exc, timeout))
         if pause:
-            await _pause(stop, pause)
+            await wait_or_stop(stop, pause)
 
 
 def report_failure(task: asyncio.Task[Any]) -> None:
@@ -658,7 +656,8 @@ def report_failure(task: asyncio.Task[Any]) -> None:
         log.error("%s ended on an error", task.get_name(), exc_info=exc)
 
 
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Wait `seconds`, or less when `stop` is set meanwhile."""
     try:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
