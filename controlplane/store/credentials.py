@@ -7,7 +7,9 @@ from typing import Any
 
 import asyncpg
 
-PRINCIPAL_SQL = """
+from controlplane.store.sql import dealer_chain_active
+
+PRINCIPAL_SQL = f"""
 SELECT tk.dealer_id, tk.acting_as_id, c.client_id, s.id AS scope_id, s.level::text AS level,
        s.path, ($2::inet <<= ANY (c.allowed_cidrs)) AS source_allowed, tk.expires_at
   FROM oauth_tokens tk
@@ -15,7 +17,7 @@ SELECT tk.dealer_id, tk.acting_as_id, c.client_id, s.id AS scope_id, s.level::te
   JOIN dealers s ON s.id = COALESCE(tk.acting_as_id, tk.dealer_id)
  WHERE tk.access_hash = $1 AND tk.revoked_at IS NULL AND c.revoked_at IS NULL
    AND tk.expires_at > now()
-   AND NOT EXISTS (SELECT 1 FROM dealers a WHERE a.id = ANY (s.path) AND NOT a.active)
+   AND {dealer_chain_active("s")}
 """
 
 
@@ -27,8 +29,7 @@ async def principal_for_token(conn: asyncpg.Connection, access_hash: bytes,
 async def client_for_grant(conn: asyncpg.Connection, client_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "SELECT c.*, d.login, d.password_hash,"
-        " NOT EXISTS (SELECT 1 FROM dealers a WHERE a.id = ANY (d.path) AND NOT a.active)"
-        "   AS dealer_active"
+        f" {dealer_chain_active('d')} AS dealer_active"
         " FROM api_clients c JOIN dealers d ON d.id = c.dealer_id"
         " WHERE c.client_id = $1 AND c.revoked_at IS NULL",
         client_id,

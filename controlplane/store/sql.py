@@ -11,6 +11,12 @@ from typing import Any
 import asyncpg
 
 
+def dealer_chain_active(alias: str) -> str:
+    """SQL true when the dealer `alias` (a dealers row) and every dealer above it are active:
+    deactivating a dealer stops its whole subtree (migration 0017)."""
+    return f"NOT EXISTS (SELECT 1 FROM dealers a WHERE a.id = ANY ({alias}.path) AND NOT a.active)"
+
+
 def insert(table: str, values: Mapping[str, Any], allowed: Iterable[str],
            returning: str = "*") -> tuple[str, list[Any]]:
     cols = [c for c in values if c in set(allowed)]

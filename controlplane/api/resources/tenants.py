@@ -26,6 +26,7 @@ from controlplane.api.routes import RouteTable
 from controlplane.model.principal import Principal
 from controlplane.rating.classify import AREA_CODES
 from controlplane.store import audit
+from controlplane.store.sql import dealer_chain_active
 
 STATUSES = ("active", "suspended", "cancelled")
 
@@ -84,9 +85,8 @@ class Tenants(Resource):
     async def before_create(self, conn: asyncpg.Connection, p: Principal,
                             data: dict[str, Any]) -> dict[str, Any]:
         dealer_id = data.setdefault("dealer_id", p.scope_id)
-        dealer = await conn.fetchrow(  # active only while every dealer above it is
-            "SELECT NOT EXISTS (SELECT 1 FROM dealers a WHERE a.id = ANY (d.path)"
-            "                   AND NOT a.active) AS active, d.portal_domain"
+        dealer = await conn.fetchrow(
+            f"SELECT {dealer_chain_active('d')} AS active, d.portal_domain"
             " FROM dealers d WHERE d.id = $1 AND d.path @> ARRAY[$2]::bigint[]",
             dealer_id, p.scope_id)
         if dealer is None:
