@@ -95,6 +95,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import (  # noqa: E402
     BenchError,
+    children_of,
     cpu_seconds,
     free_port,
     host_cpu,
@@ -132,7 +133,8 @@ SEED_TENANTS = 20
 SEED_BATCH = 500
 NODES_AGENT_NICE = 10  # (3): the `--role nodes` agent's niceness beside the `calls` one
 MAX_FAILED_SHARE = 0.01   # a path stops climbing above this share of failed calls
-CPU_ROLES = ("agent", "asterisk", "pg", "api", "uac", "uas", "bench")
+CPU_ROLES = ("agent", "cdrs", "asterisk", "pg", "api", "uac", "uas", "bench")
+CDR_IMPORTS = ("process", "inline")  # PBX_CDR_IMPORT: the first is the product's default
 
 
 # -- the agent, instrumented -----------------------------------------------------------------
@@ -254,6 +256,7 @@ class Stack:
     keep: bool = False
     what_if: dict[str, str] = field(default_factory=dict)
     closed: bool = False
+    cdr_import: str = CDR_IMPORTS[0]  # the instrumented agent's PBX_CDR_IMPORT
 
     @property
     def agent_log(self) -> Path:
@@ -276,6 +279,9 @@ class Stack:
                 "agent": cpu_seconds(self.agent.pid if self.agent else None),
                 "asterisk": cpu_seconds(self.node.pid if self.node else None),
                 "pg": tree_cpu(self.postmaster),
+                # the agent's CDR import process (PBX_CDR_IMPORT=process)
+                "cdrs": {p: cpu_seconds(p) for p in
+                         (children_of(self.agent.pid) if self.agent else [])},
                 "api": cpu_seconds(self.api.pid if self.api else None),
                 "uac": cpu_seconds(uac), "uas": cpu_seconds(uas),
                 "bench": me.ru_utime + me.ru_stime + cpu_seconds(client), "busy": busy,
@@ -286,8 +292,9 @@ class Stack:
     def cpu_used(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
         """% of one core per role between two samples, and the whole machine's."""
         wall = max(1e-6, b["t"] - a["t"])
-        out = {k: 100.0 * (b[k] - a[k]) / wall for k in CPU_ROLES if k != "pg"}
-        out["pg"] = 100.0 * tree_used(a["pg"], b["pg"]) / wall
+        out = {k: 100.0 * (b[k] - a[k]) / wall for k in CPU_ROLES if k not in ("pg", "cdrs")}
+        for k in ("pg", "cdrs"):
+            out[k] = 100.0 * tree_used(a[k], b[k]) / wall
         out["host"] = 100.0 * (os.cpu_count() or 1) * (b["busy"] - a["busy"]) / max(
             1.0, b["total"] - a["total"])
         out["other"] = max(0.0, out["host"] - sum(out[k] for k in CPU_ROLES))
@@ -362,12 +369,14 @@ def agent_env(stack: Stack, dsn: str, agi_port: int) -> dict[str, str]:
 
 
 def start_agent(stack: Stack, dsn: str, agi_port: int, *, instrumented: bool,
-                role: str = "all") -> None:
-    """The node's agent; role "calls" starts the call-control agent beside the one running."""
+                role: str = "all", cdr_import: str = CDR_IMPORTS[0]) -> None:
+    """The node's agent; role "calls" starts the call-control agent beside the one running;
+    `cdr_import`: where it imports the node's CDR file (PBX_CDR_IMPORT)."""
     args = ["--node", NODE_NAME, "--tenant-dir", str(stack.node.tenant_config_dir)]
     if role != "all":
         args += ["--role", role]
     env = agent_env(stack, dsn, agi_port)
+    env["PBX_CDR_IMPORT"] = cdr_import
     if instrumented:
         stack.timings.unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--agent-child",
@@ -385,6 +394,7 @@ def start_agent(stack: Stack, dsn: str, agi_port: int, *, instrumented: bool,
         stack.calls_agent = proc
     else:
         stack.agent = proc
+        stack.cdr_import = cdr_import
 
 
 def check_agent(stack: Stack) -> None:
@@ -392,6 +402,21 @@ def check_agent(stack: Stack) -> None:
         code = None if stack.agent is None else stack.agent.returncode
         raise BenchError(f"the agent is not running (exit {code}):\n"
                          + stack.tail(stack.agent_log))
+
+
+async def restart_agent(stack: Stack, dsn: str, agi_port: int, cdr_import: str) -> None:
+    """The instrumented agent stopped and started again with PBX_CDR_IMPORT=`cdr_import`;
+    back once it has logged in to the node and set PBX_AGI there (its FastAGI server is up
+    by then)."""
+    stack.stop_agent()
+    await rx(stack, "dialplan set global PBX_AGI none")
+    start_agent(stack, dsn, agi_port, instrumented=True, cdr_import=cdr_import)
+
+    async def told() -> bool:
+        check_agent(stack)
+        return "PBX_AGI=agi://" in await rx(stack, "dialplan show globals")
+
+    await until(told, f"the agent (PBX_CDR_IMPORT={cdr_import}) logged in to the node", 60)
 
 
 async def agent_timings(stack: Stack) -> dict[str, list[float]]:
@@ -989,6 +1014,7 @@ class AgiRun:
     label: str
     rate: float
     seconds: float
+    cdr_import: str = CDR_IMPORTS[0]
     sent: int = 0
     admitted: int = 0
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -1010,7 +1036,7 @@ async def agi_run(stack: Stack, conn: Any, world: World, args: argparse.Namespac
     """Paced calls straight to the agent's FastAGI server, with their whole life: admit,
     answer, and the CDR line after the hold. `calls`: (caller, direction, dialled, tenant)
     cycled through."""
-    run = AgiRun(label, rate, seconds)
+    run = AgiRun(label, rate, seconds, stack.cdr_import)
     client = AgiClient(agi_port, NODE_NAME)
     total = int(rate * seconds)
     if instrumented:
@@ -1489,28 +1515,44 @@ def build_report(r: Report) -> str:
             "close; load generator: " + ("bench/agi_load.c (C, epoll)" if a.agi_client == "c"
                                          else "this process (Python, uvloop)"),
             "",
-            "    rate  sent  admitted  refused   admit p50     p90     p99     max   decide p50"
-            "     p99   loop lag p99  agent%  pg%  oth%",
+            "    rate  cdr import  sent  admitted  refused   admit p50     p90     p99     max"
+            "   decide p50     p99   loop lag p99  agent%  cdrs%  pg%  oth%",
         ]
         for g in r.agi:
             adm = [1000 * x for x in g.admit]
             dec = [1000 * x for x in g.timings.get("decide", [])]
             lag = [1000 * x for x in g.timings.get("lag", [])]
             out.append(
-                f"    {g.rate:4.0f} {g.sent:5d} {g.admitted:9d} {sum(g.refused.values()):8d}  "
+                f"    {g.rate:4.0f}  {g.cdr_import:>10s} {g.sent:5d} {g.admitted:9d} "
+                f"{sum(g.refused.values()):8d}  "
                 f"{pct(adm, .5):9.2f} {pct(adm, .9):7.2f} {pct(adm, .99):7.2f} "
                 f"{max(adm, default=math.nan):7.1f}   {pct(dec, .5):9.2f} {pct(dec, .99):7.2f}"
-                f"   {pct(lag, .99):12.2f}  {g.cpu['agent']:6.0f} {g.cpu['pg']:4.0f} "
-                f"{g.cpu['other']:5.0f}" + ("" if g.drained else "  NOT drained"))
-        # the last rate's trials: the one with the median p99 is shown and judged
-        trials = sorted((g for g in r.agi if g.rate == r.agi[-1].rate),
-                        key=lambda g: pct(g.admit, .99))
+                f"   {pct(lag, .99):12.2f}  {g.cpu['agent']:6.0f} {g.cpu['cdrs']:6.0f} "
+                f"{g.cpu['pg']:4.0f} {g.cpu['other']:5.0f}" + ("" if g.drained else
+                                                               "  NOT drained"))
+        # the last rate's trials of each mode; the first mode's one with the median p99 is
+        # shown and judged
+        top = r.agi[-1].rate
+        by_mode = {m: sorted((g for g in r.agi if g.rate == top and g.cdr_import == m),
+                             key=lambda g: pct(g.admit, .99)) for m in a.cdr_import}
+        medians = {m: 1000 * pct(ts[(len(ts) - 1) // 2].admit, .99)
+                   for m, ts in by_mode.items() if ts}
+        trials = by_mode[a.cdr_import[0]]
         g = trials[(len(trials) - 1) // 2]
         t = g.timings
-        if len(trials) > 1:
-            out += ["", f"  {len(trials)} trials at {g.rate:g}/s, admit p99 (client) "
-                    + ", ".join(f"{1000 * pct(x.admit, .99):.2f}" for x in trials)
-                    + " ms: below, the one with the median"]
+        out.append("")
+        for m, ts in by_mode.items():
+            out.append(f"  CDR import {m} (PBX_CDR_IMPORT={m}): {len(ts)} trial(s) at {top:g}/s,"
+                       " admit p99 (client) " + ", ".join(f"{1000 * pct(x.admit, .99):.2f}"
+                                                          for x in ts)
+                       + f" ms, median {medians.get(m, math.nan):.2f}")
+        if len(medians) > 1:
+            first, *others = list(medians)
+            out += [f"  median p99, {o} / {first}: {medians[o] / medians[first]:.2f}"
+                    for o in others]
+        out.append(f"  below: CDR import {g.cdr_import}, the trial with the median p99"
+                   + ("; settlement is timed only when it runs in the agent itself (inline)"
+                      if g.cdr_import == "process" else ""))
         out += [
             "",
             f"  at {g.rate:g} calls/s for {g.seconds:g} s ({g.sent} calls, achieved "
@@ -1532,7 +1574,8 @@ def build_report(r: Report) -> str:
             f"  agent event-loop lag (10 ms ticks)     {ms_row(t.get('lag', []))}",
             f"  pacer lateness (this process)          {ms_row(g.late)}",
             f"  {per_second_p99(g)}",
-            f"  cpu (% of one core): agent {g.cpu['agent']:.0f}, pg {g.cpu['pg']:.0f}, "
+            f"  cpu (% of one core): agent {g.cpu['agent']:.0f}, its CDR import process "
+            f"{g.cpu['cdrs']:.0f}, pg {g.cpu['pg']:.0f}, "
             f"bench {g.cpu['bench']:.0f}, asterisk {g.cpu['asterisk']:.0f}, everything "
             f"else on the machine {g.cpu['other']:.0f} (of which taken by the hypervisor: "
             f"{g.cpu.get('steal', 0):.0f})"
@@ -1543,6 +1586,7 @@ def build_report(r: Report) -> str:
         ]
         p99 = 1000 * pct(g.admit, .99)
         out += [f"  target (2) admit p99 <= {TARGET_P99_MS:g} ms at {g.rate:g}/s"
+                + f", CDR import {g.cdr_import}"
                 + (f" (median of {len(trials)} trials)" if len(trials) > 1 else "")
                 + f": {p99:.2f} ms {mark(p99 <= TARGET_P99_MS)}", ""]
     if r.memory is not None:
@@ -1713,7 +1757,7 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> int:
             node_id = await start_node(stack, api, args)
             version = (await rx(stack, "core show version")).strip().split(" built")[0]
             agi_port = free_port()
-            start_agent(stack, dsn, agi_port, instrumented=True)
+            start_agent(stack, dsn, agi_port, instrumented=True, cdr_import=args.cdr_import[0])
             log(f"node pid {stack.node.pid} ({version}); agent pid "
                 f"{stack.agent.pid if stack.agent else '?'}, FastAGI on 127.0.0.1:{agi_port}")
             world = await setup_world(api, node_id, args)
@@ -1738,12 +1782,20 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> int:
                         + f" for {args.agi_seconds:g} s each")
                     await agi_run(stack, conn, world, args, agi_port, "warm-up", 50, 2, calls)
                     last = len(args.agi_rates) - 1
-                    steps = [(rate, 1) for rate in args.agi_rates[:last]] + [
-                        (args.agi_rates[last], trial) for trial in range(1, args.agi_trials + 1)]
-                    for rate, trial in steps:
+                    modes = args.cdr_import
+                    # at the last rate each trial runs every mode, in turn first
+                    steps = [(rate, 1, modes[0]) for rate in args.agi_rates[:last]] + [
+                        (args.agi_rates[last], trial, modes[(trial - 1 + k) % len(modes)])
+                        for trial in range(1, args.agi_trials + 1) for k in range(len(modes))]
+                    for rate, trial, mode in steps:
+                        if mode != stack.cdr_import:
+                            await restart_agent(stack, dsn, agi_port, mode)
+                            await agi_run(stack, conn, world, args, agi_port, "warm-up", 50, 2,
+                                          calls)
                         label = f"FastAGI {rate}/s" + (f" trial {trial}"
                                                        if args.agi_trials > 1 and
                                                        rate == args.agi_rates[last] else "")
+                        label += f", CDR import {mode}" if len(modes) > 1 else ""
                         run = await agi_run(stack, conn, world, args, agi_port, label, rate,
                                             args.agi_seconds, calls)
                         report.agi.append(run)
@@ -1782,6 +1834,13 @@ def int_list(value: str) -> list[int]:
         raise argparse.ArgumentTypeError("a comma-separated list of integers") from None
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return out
+
+
+def cdr_imports(value: str) -> list[str]:
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    if not out or any(v not in CDR_IMPORTS for v in out) or len(set(out)) < len(out):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(CDR_IMPORTS)}")
     return out
 
 
@@ -1848,6 +1907,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="diagnosis: PostgreSQL with pg_stat_statements, and after each FastAGI "
                         "rate, each admission step of (1) and the admissions of (3) the "
                         "statements that took its time")
+    p.add_argument("--cdr-import", type=cdr_imports, default=list(CDR_IMPORTS),
+                   help="where the agent imports the node's CDR file during (2) "
+                        "(PBX_CDR_IMPORT), a comma-separated list: at the last rate each "
+                        "trial runs each, side by side; the first is judged (default "
+                        "process,inline: the product's default, then the agent's own loop)")
     p.add_argument("--agent-events", default="",
                    help="what-if, not the product: the agent's AMI session logs in with "
                         "Events: MASK (e.g. on) instead of the product's classes")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import dataclasses
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -110,12 +112,35 @@ def call_control_config(settings: Settings, **overrides: Any) -> Any:
     values: dict[str, Any] = {
         "agi_host": settings.agi_host, "agi_port": settings.agi_port,
         "agi_advertise": settings.agi_advertise or None, "cdr_file": settings.cdr_file,
-        "fail_policy": settings.admission_fail_policy}
+        "fail_policy": settings.admission_fail_policy, "cdr_import": settings.cdr_import,
+        "cdr_import_nice": settings.cdr_import_nice}
     values.update(overrides)
     if values["fail_policy"] not in ("open", "closed"):
         sys.exit("PBX_ADMISSION_FAIL_POLICY must be open or closed")
+    if values["cdr_import"] not in ("process", "inline"):
+        sys.exit("PBX_CDR_IMPORT must be process or inline")
+    if not 0 <= values["cdr_import_nice"] <= 19:
+        sys.exit("PBX_CDR_IMPORT_NICE must be 0 to 19")
     values["cdr_file"] = Path(values["cdr_file"]) if values["cdr_file"] else None
     return CallControlConfig(**values)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def follow_parent() -> None:
+    """This process ends (SIGTERM) when the agent that started it does, even killed outright:
+    a CDR import left behind would go on beside the one its agent starts again. Linux only;
+    elsewhere a warning."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError) as exc:
+        log.warning("this process will not end with the agent that started it: %s", exc)
+    parent = os.environ.get("PBX_AGENT_PID", "")
+    if parent.isdigit() and os.getppid() != int(parent):  # it ended before prctl took
+        sys.exit("the agent that started this CDR import has ended")
 
 
 async def _agent(settings: Settings, node_name: str, tenant_dir: str | None,
@@ -127,19 +152,28 @@ async def _agent(settings: Settings, node_name: str, tenant_dir: str | None,
     from controlplane.provisioning.desired import load_node
     from controlplane.store.calls import warm
 
-    # Every connection opened and warmed at start, and kept: a burst of calls must not wait
-    # for new ones to be opened (connect, authenticate: tens of ms) or used a first time
-    # (type introspection, functions compiled: 10-20 ms).
-    pool = await _open(dataclasses.replace(settings, db_pool_min=settings.db_pool_max), warm)
+    if role == "cdrs":  # the CDR import of a calls agent, started by it (see CallControl)
+        if not settings.cdr_file:
+            sys.exit("an agent with --role cdrs needs the node's CDR file (PBX_CDR_FILE)")
+        follow_parent()
+        os.nice(settings.cdr_import_nice)
+        pool = await _open(dataclasses.replace(settings, db_pool_min=1, db_pool_max=2))
+    else:
+        # Every connection opened and warmed at start, and kept: a burst of calls must not
+        # wait for new ones to be opened (connect, authenticate: tens of ms) or used a first
+        # time (type introspection, functions compiled: 10-20 ms).
+        pool = await _open(dataclasses.replace(settings, db_pool_min=settings.db_pool_max),
+                           warm)
     async with pool.acquire() as conn:
         record = await load_node(conn, node_name)
     if record is None:
         sys.exit(f"no node named {node_name!r}: create it with POST /api/v1/nodes")
     folder = Path(tenant_dir) if tenant_dir else settings.data_dir / "nodes" / node_name / "etc" \
         / "tenants"
+    calls = call_control_config(settings, **({"cdr_import": "inline"} if role == "cdrs"
+                                             else {}))
     agent = NodeAgent(pool, record, folder, dsn=settings.dsn or resolve_dsn(settings),
-                      manage_interface=interface, calls=call_control_config(settings),
-                      role=role)
+                      manage_interface=interface, calls=calls, role=role)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -212,10 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     agent.add_argument("--node", required=True, help="node name, as created in /api/v1/nodes")
     agent.add_argument("--tenant-dir", help="where the node reads generated tenant files")
     agent.add_argument("--interface", help="add registration addresses to this interface")
-    agent.add_argument("--role", choices=("all", "nodes", "calls"), default="all",
+    agent.add_argument("--role", choices=("all", "nodes", "calls", "cdrs"), default="all",
                        help="all (default); or nodes (provisioning, registrations) and calls "
                             "(admission, grants, leases, CDRs), to run call control in a "
-                            "process of its own beside a nodes agent")
+                            "process of its own beside a nodes agent; cdrs: the CDR import "
+                            "alone, as a calls agent starts it (PBX_CDR_IMPORT)")
     render = sub.add_parser("render", help="show what a tenant looks like on its node")
     render.add_argument("--tenant", type=int, required=True)
     sb = sub.add_parser("sandbox", help="Docker-less Asterisk nodes for development")

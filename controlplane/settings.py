@@ -40,6 +40,12 @@ class Settings:
     agi_advertise: str = ""
     # The node's CDR file as the agent sees it (shared volume); empty: no CDR import.
     cdr_file: str = ""
+    # Where the agent imports that file: "process" (default), a child process of its own at
+    # a lower CPU priority (cdr_import_nice, added to the agent's), so that settling CDRs never
+    # delays an admission waiting for the agent's event loop or a CPU; "inline", in the
+    # agent's own event loop.
+    cdr_import: str = "process"
+    cdr_import_nice: int = 10
     # Periodic CDR export files for billing systems (serve): folder and "daily"/"monthly".
     cdr_export_dir: str = ""
     cdr_export_period: str = "monthly"

@@ -64,6 +64,7 @@ class AmiSession:
     ping_interval: float = 5.0
     backoff_max: float = 30.0
     name: str = "ami"
+    events: str = EVENT_CLASSES  # "off": replies to actions only
     _manager: _Manager | None = None
     _lost: asyncio.Event = field(default_factory=asyncio.Event)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -108,7 +109,7 @@ class AmiSession:
         self._lost.clear()
         m = _Manager(self._lose, host=self.host, port=self.port, username=self.username,
                      secret=self.secret, ping_delay=10**9, ping_interval=10**9,
-                     reconnect_timeout=10**9, events=EVENT_CLASSES,
+                     reconnect_timeout=10**9, events=self.events,
                      loop=asyncio.get_running_loop())
         for pattern, callback in self._events:
             m.register_event(pattern, callback)

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from controlplane.asterisk.ami import AmiSession, AmiUnavailable
+from controlplane.asterisk.ami import EVENT_CLASSES, AmiSession, AmiUnavailable
 from controlplane.asterisk.ari import AriClient, AriError
 from controlplane.asterisk.fastagi import node_token
 from controlplane.calls.node_control import CallControl, CallControlConfig
@@ -82,8 +82,9 @@ class Pending:
 # What one agent process does for its node: everything, or one half, so that call control
 # (FastAGI decisions, grants, leases, CDR import) runs in a process of its own and never
 # waits for provisioning's work (a full reconcile of a big node keeps a process busy for
-# minutes). Run one "nodes" and one "calls" agent per node for that.
-ROLES = ("all", "nodes", "calls")
+# minutes). Run one "nodes" and one "calls" agent per node for that. "cdrs": the node's CDR
+# import alone, the process an "all" or "calls" agent starts for it (PBX_CDR_IMPORT).
+ROLES = ("all", "nodes", "calls", "cdrs")
 
 
 class NodeAgent:
@@ -98,8 +99,10 @@ class NodeAgent:
         self.tenant_dir = tenant_dir
         self.debounce, self.concurrency, self.timeout = debounce, concurrency, timeout
         self.manage_interface = manage_interface
+        # the CDR import only lists the node's channels: it asks for no events
         self.ami = AmiSession(node.ami_host, node.ami_port, node.ami_username, node.ami_secret,
-                              timeout=timeout, name=f"node {node.name}")
+                              timeout=timeout, name=f"node {node.name}",
+                              events="off" if role == "cdrs" else EVENT_CLASSES)
         self.ari = AriClient(node.ari_url, node.ari_username, node.ari_password,
                              timeout=timeout, concurrency=concurrency)
         self.markers: dict[str, Marker] = {}
@@ -122,11 +125,13 @@ class NodeAgent:
     # -- life ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         jobs = [self.ami.run(stop)]
-        if self.role != "calls":
+        if self.role == "cdrs":
+            jobs.append(self.calls.import_cdrs(stop))
+        elif self.role != "calls":
             self.ami.on_login(self._after_login)
             self.registrations.attach()
             jobs += [self._listen(stop), self._work(stop), self._flush_dialplan(stop)]
-        if self.role != "nodes":
+        if self.role in ("all", "calls"):
             jobs.append(self.calls.run(stop))
         async with self.ari:
             tasks = [asyncio.create_task(c) for c in jobs]

@@ -87,16 +87,18 @@ class Calls:
         self.decision_timeout = 1.0  # agents started from now on
 
     async def start_agent(self, i: int, role: str = "all", *, pool: Any = None,
-                          fail_policy: str = "closed") -> NodeAgent:
+                          fail_policy: str = "closed", cdr_import: str = "inline") -> NodeAgent:
         """Node i's agent; `pool`: the database as this agent reaches it (default the
-        tests' own)."""
+        tests' own); `cdr_import`: "process" to import the node's CDRs as `pbxctl agent`
+        does by default, in a child process (which reaches the database directly)."""
         node = self.nodes[i]
         async with self.db.acquire() as conn:
             record = await load_node(conn, node.name)
         config = CallControlConfig(agi_port=0, cdr_file=node.cdr_file, tick=0.2, lead=5.0,
                                    lease=self.lease, lease_every=0.5, cdr_every=0.1,
                                    ahead=self.ahead, fail_policy=fail_policy,
-                                   decision_timeout=self.decision_timeout)
+                                   decision_timeout=self.decision_timeout,
+                                   cdr_import=cdr_import)
         agent = NodeAgent(pool or self.db, record, node.tenant_config_dir,
                           dsn=self.settings.dsn, manage_interface="lo", debounce=0.1,
                           calls=config, role=role)
@@ -658,6 +660,61 @@ async def test_calls_and_cdrs_survive_the_agent_restarting(calls):
     node = calls.nodes[0]
     assert await lifecycle.import_file(calls.db, calls.node_ids[0], node.cdr_file) == 0
     assert len(await calls.cdrs(extension_id=ext["id"])) == 1
+
+
+def process_alive(pid: int) -> bool:
+    """The process runs (a zombie has ended: its parent has not reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_cdrs_are_imported_by_a_process_of_their_own_started_again_if_it_ends(calls):
+    """PBX_CDR_IMPORT=process, what `pbxctl agent` does by default: a child process
+    (`--role cdrs`) imports the node's CDR file, the agent itself none. Killed outright, it
+    is started again and the next call is billed too; it ends with its agent."""
+    await calls.stop_agent(0)
+    agent = await calls.start_agent(0, cdr_import="process")
+    _, _, ext, phone = await calls.outbound_caller()
+
+    async def child() -> bool:
+        return agent.calls.cdr_process is not None
+
+    await until(child, "the CDR import process")
+    first = agent.calls.cdr_process
+    assert first is not None
+    cmdline = Path(f"/proc/{first.pid}/cmdline").read_bytes().split(b"\0")
+    assert [b"--role", b"cdrs"] == cmdline[-3:-1] and b"agent" in cmdline
+    carrier = carrier_uas(2, 40)
+    result = await place(phone, "33334444", hold_ms=1500)
+    assert result.ok, result.output
+    cdr = await calls.cdr_of(ext)
+    assert cdr["disposition"] == "ANSWERED" and Decimal(cdr["price"]) == Decimal("0.0600")
+    assert agent.calls.cdrs_imported == 0  # not by the agent itself
+
+    first.kill()
+
+    async def again() -> bool:
+        now = agent.calls.cdr_process
+        return now is not None and now.pid != first.pid
+
+    await until(again, "the CDR import process started again", within=10)
+    second = agent.calls.cdr_process
+    assert second is not None and not process_alive(first.pid)
+    result = await place(phone, "33334444", hold_ms=1500)
+    assert result.ok, result.output
+    assert (await carrier).ok, carrier.result().output
+
+    async def both() -> bool:
+        return len(await calls.cdrs(extension_id=ext["id"])) == 2
+
+    await until(both, "the second call's CDR")
+    account = calls.api.ok(await calls.api.get(f"/api/v1/extensions/{ext['id']}/credit"))
+    assert Decimal(account["balance"]) == Decimal("49.8800")
+    assert Decimal(account["reserved"]) == 0 and await calls.live() == []
+    await calls.stop_agent(0)
+    assert second.returncode is not None and not process_alive(second.pid)
 
 
 async def test_an_answer_raised_while_no_agent_listens_is_recovered(calls):

@@ -165,7 +165,7 @@ async def test_the_cdr_import_goes_on_after_an_unexpected_error(
     grants_moving = RuntimeError("calls [...]: their grants kept moving while they were settled")
     cdr_import_doing(monkeypatch, failing_once(stop, turns, grants_moving, result=2))
     with caplog.at_level(logging.WARNING):
-        await run_until_stopped(calls._cdr_loop(stop), stop)
+        await run_until_stopped(calls.import_cdrs(stop), stop)
     assert turns == [1, 2, 3] and calls.cdrs_imported == 4
     unexpected(caplog, "node n1: CDR import")
 
@@ -248,7 +248,7 @@ async def test_a_timeout_is_named_in_the_warning(monkeypatch: pytest.MonkeyPatch
     cdr_import_doing(monkeypatch, failing_once(stop, turns, TimeoutError(), result=0,
                                                enough=2))
     with caplog.at_level(logging.WARNING):
-        await run_until_stopped(calls._cdr_loop(stop), stop)
+        await run_until_stopped(calls.import_cdrs(stop), stop)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["node n1: CDR import failed: TimeoutError"]
 
