@@ -107,8 +107,9 @@ class Calls:
         self.agents[i if role == "all" else (i, role)] = (agent, stop, task)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while (role != "calls" and agent.reconciles < 1) or \
-                (role != "nodes" and not agent.calls.agi.token_given):  # node told PBX_AGI
+        while (role in ("all", "nodes") and agent.reconciles < 1) or \
+                (role in ("all", "calls") and not agent.calls.agi.token_given) or \
+                (role == "cdrs" and not agent.ami.connected.is_set()):  # node told PBX_AGI
             if task.done():
                 task.result()
             assert loop.time() < deadline, "the agent did not start"
@@ -123,9 +124,9 @@ class Calls:
     async def settle(self) -> None:
         """Every agent has applied what the API changed."""
         for agent, _, _ in self.agents.values():
-            if agent.role != "calls":
+            if agent.role in ("all", "nodes"):
                 await agent.caught_up(15)
-            if agent.role != "nodes":
+            if agent.role in ("all", "calls"):
                 await agent.calls.sync_carriers()  # carriers follow their own notifications
 
     async def customer(self, *, dealer_calls: int | None = None) -> dict[str, Any]:
@@ -715,6 +716,31 @@ async def test_cdrs_are_imported_by_a_process_of_their_own_started_again_if_it_e
     assert Decimal(account["reserved"]) == 0 and await calls.live() == []
     await calls.stop_agent(0)
     assert second.returncode is not None and not process_alive(second.pid)
+
+
+async def test_the_cdr_import_process_lists_the_nodes_channels_without_its_events(calls):
+    """A `--role cdrs` agent logs in to the node with Events: off (it needs none) and still
+    gets whole listings of the node's channels: a held line (lifecycle.CdrImport) waits
+    for its caller's channel to be gone from them."""
+    _, _, ext, phone = await calls.outbound_caller()
+    cdrs = await calls.start_agent(0, "cdrs")
+    assert cdrs.ami.events == "off" and not cdrs.calls.agi_url
+    carrier = carrier_uas(1, 30)
+    call = asyncio.create_task(place(phone, "33334444", hold_ms=3000))
+
+    async def live() -> bool:
+        return bool(await calls.live(extension_id=ext["id"]))
+
+    await until(live, "the call to be live")
+    uniqueid = await calls.db.fetchval("SELECT channel FROM calls")
+    listed = await cdrs.calls._live_channels()
+    assert listed is not None and uniqueid in listed
+    assert (await call).ok, call.result().output
+    await carrier
+    await calls.cdr_of(ext)
+    assert cdrs.calls.decisions == 0 and cdrs.calls.cdrs_imported == 0  # not started here
+    listed = await cdrs.calls._live_channels()
+    assert listed is not None and uniqueid not in listed
 
 
 async def test_an_answer_raised_while_no_agent_listens_is_recovered(calls):
