@@ -34,16 +34,19 @@ What it does, end to end, cleaning up whatever it started even on failure:
      A path stops climbing after a rate at which more than 1 % of its calls failed.
   5. (2) FastAGI directly: a small client speaking the protocol (agi_* environment, blank
      line, answers `200 result=1` to each SET VARIABLE) places calls at each of --agi-rates
-     (calls/s) for --agi-seconds: `admit` (timed from connect to close), the answer at
-     once (the UserEvent PbxAnswered `pbx-answered` raises, sent through the node's AMI so
-     that the agent hears it from Asterisk), and after --hold the call's CDR line appended
-     to the node's CDR file, as Asterisk writes it, so the agent settles every call as on a
-     real node. The target is judged
-     at the last rate (500/s). The client is bench/agi_load.c, compiled for the run with the
-     machine's cc (--agi-client c, the default): one thread on epoll, as light as Asterisk's
-     own side of FastAGI; --agi-client python places the same calls from this process's
-     event loop, which took 17-25 % of a core at 500/s and added its own delays to every
-     admission it timed.
+     (calls/s) for --agi-seconds: `admit` (timed from connect to close), the answer at once
+     (the UserEvent PbxAnswered `pbx-answered` raises, sent through the node's AMI so that
+     the agent hears it from Asterisk), and after --hold the call's CDR line appended to
+     the node's CDR file, as Asterisk writes it, so the agent settles every call as on a
+     real node. At the last rate (500/s) each of --agi-trials runs once for each of
+     --cdr-import (default process,inline: PBX_CDR_IMPORT, the agent restarted between them),
+     side by side; the target is judged on the first, the product's default, and the ratio
+     of the medians printed. The agent's CPU is reported apart from its CDR import
+     process's; settlement is timed only inline (in the instrumented agent). The client is
+     bench/agi_load.c, compiled for the run with the machine's cc (--agi-client c, the
+     default): one thread on epoll, as light as Asterisk's own side of FastAGI;
+     --agi-client python places the same calls from this process's event loop, which took 17-25 %
+     of a core at 500/s and added its own delays to every admission it timed.
   6. (3) The agent stops; --memory-extensions extensions are inserted by SQL (statements of
      500 rows, every trigger runs) into 20 more tenants; RSS of the API idle, then while it
      pages through all of them; a plain `pbxctl agent` starts and reconciles the node (it
@@ -1267,6 +1270,7 @@ class Memory:
     admissions: AgiRun | None = None
     split_admissions: AgiRun | None = None   # the same, answered by a `--role calls` agent
     agent_after_admissions: tuple[float, float] = (math.nan, math.nan)
+    cdr_process: tuple[float, float] = (math.nan, math.nan)  # the agent's CDR import
     asterisk: tuple[float, float] = (math.nan, math.nan)
 
 
@@ -1370,6 +1374,8 @@ async def memory_phase(stack: Stack, conn: Any, api: Api, world: World, dsn: str
         if args.pg_statements:
             log(await statement_stats(conn, mem.admissions.admitted))
     mem.agent_after_admissions = rss(stack.agent.pid if stack.agent else None)
+    mem.cdr_process = rss(next(iter(children_of(stack.agent.pid)), None) if stack.agent
+                          else None)
     if args.memory_admissions and pairs:
         log("memory: the same admissions answered by `pbxctl agent --role calls`, beside a "
             "`--role nodes` agent reconciling the node")
@@ -1618,6 +1624,8 @@ def build_report(r: Report) -> str:
             out.append(f"  pbxctl agent after {m.admissions.sent:,} admissions over them"
                        f"             {mib(m.agent_after_admissions)}")
             out.append("    " + describe_agi(m.admissions))
+            out.append(f"  its CDR import process (PBX_CDR_IMPORT=process), then    "
+                       f"{mib(m.cdr_process)}")
         if m.split_admissions is not None:
             out.append("  the same, answered by `pbxctl agent --role calls` beside a "
                        f"`--role nodes` agent (nice {NODES_AGENT_NICE}) reconciling the node:")

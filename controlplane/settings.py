@@ -45,7 +45,7 @@ class Settings:
     # delays an admission waiting for the agent's event loop or a CPU; "inline", in the
     # agent's own event loop.
     cdr_import: str = "process"
-    cdr_import_nice: int = 10
+    cdr_import_nice: int = 5
     # Periodic CDR export files for billing systems (serve): folder and "daily"/"monthly".
     cdr_export_dir: str = ""
     cdr_export_period: str = "monthly"

@@ -201,6 +201,9 @@ async def _from_file(read: Callable[..., T], *args: Any) -> T:
 # at least, and settles the call only once the caller's channel has been seen gone from the
 # node for GONE_FOR and the file was read to its end since (see CdrImport).
 HOLD_FOR, GONE_FOR, HELD_EVERY = 5.0, 2.0, 1.0
+# The import is said to fall behind when it stays this many bytes (a few hundred records)
+# short of the file's end for this long; said again every BEHIND_TELL_EVERY seconds.
+BEHIND_BYTES, BEHIND_FOR, BEHIND_TELL_EVERY = 64 * 1024, 10.0, 60.0
 LiveChannels = Callable[[], Awaitable[set[str] | None]]
 
 
@@ -233,21 +236,45 @@ class CdrImport:
         self.live_channels = live_channels
         self.held: dict[UUID, HeldLine] = {}
         self._held_looked = float("-inf")
+        self.behind_since: float | None = None  # far behind the file's end since then
+        self._behind_told = float("-inf")
 
     async def run(self) -> int:
         now = await _from_file(cdr_file.state, self.path)
         if now is None or now == self.reached:
-            return await self._settle_held() if now is not None else 0
+            if now is None:
+                return 0
+            self.behind_since = None
+            return await self._settle_held()
         held: list[CdrLine] = []
         stored, self.reached = await _import(self.pool, self.node_id, self.path, held)
         for line in held:
             if line.call_id is not None:
                 self.held.setdefault(line.call_id, HeldLine(line, time.monotonic()))
         if self.reached is None or self.reached[1] < now[1]:
+            self._behind(now[1] - (self.reached[1] if self.reached else 0))
             return stored  # not read to its end yet (a backlog, or a record on its way)
+        self.behind_since = None
         # read to its end: under steady traffic the file seldom stays there between two
         # looks, and the held lines must not wait for a quiet moment
         return stored + await self._settle_held()
+
+    def _behind(self, missing: int) -> None:
+        """Say so, every BEHIND_TELL_EVERY seconds, while the import stays BEHIND_BYTES or
+        more behind the file's end for BEHIND_FOR seconds (the database, or the import's
+        process, too slow for the node's calls)."""
+        clock = time.monotonic()
+        if missing < BEHIND_BYTES:
+            self.behind_since = None
+            return
+        self.behind_since = self.behind_since or clock
+        if clock - self.behind_since >= BEHIND_FOR and \
+                clock - self._behind_told >= BEHIND_TELL_EVERY:
+            self._behind_told = clock
+            log.warning("node %s: the CDR import has been %d KiB or more behind the node's "
+                        "file for %.0f s: calls that ended meanwhile keep their slots and "
+                        "reservations, and any whose lease lapses first is billed up to its "
+                        "grant", self.node_id, missing // 1024, clock - self.behind_since)
 
     async def _settle_held(self) -> int:
         """With the file read to its end: settle the calls whose held line is the last word

@@ -127,7 +127,7 @@ def test_bad_cdr_import_settings_are_refused_by_name(env: dict[str, str], error:
 def test_the_product_imports_in_a_process_by_default_and_inline_on_request():
     assert cli.call_control_config(Settings.from_env({})).cdr_import == "process"
     inline = cli.call_control_config(Settings.from_env({"PBX_CDR_IMPORT": "inline"}))
-    assert inline.cdr_import == "inline" and inline.cdr_import_nice == 10
+    assert inline.cdr_import == "inline" and inline.cdr_import_nice == 5
 
 
 def test_a_cdrs_agent_asks_its_node_for_no_events():
@@ -184,3 +184,36 @@ def test_a_cdrs_agent_ends_when_its_agent_is_killed_outright():
         assert not alive(child)
     finally:
         agent.kill()
+
+
+async def test_an_import_far_behind_its_file_says_so_until_it_catches_up(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path):
+    """A CDR import (niced, or its database slow) that stays behind the node's file warns:
+    calls that ended wait for it, and a lease may lapse first."""
+    from controlplane.calls import lifecycle
+
+    monkeypatch.setattr(lifecycle, "BEHIND_FOR", 0.05)
+    path = tmp_path / "pbx-cdr.csv"
+    path.write_bytes(b"x" * (1 << 20))
+    step = {"bytes": 100 * 1024}
+
+    async def imported(pool: Any, node_id: int, file: Path, held: Any = None) -> Any:
+        ident, size = lifecycle.cdr_file.state(file)
+        reached = imported.at = min(size, imported.at + step["bytes"])  # type: ignore[attr-defined]
+        return 0, (ident, reached)
+
+    imported.at = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(lifecycle, "_import", imported)
+    cdrs = lifecycle.CdrImport(None, 9, path)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        await cdrs.run()
+        assert not caplog.records  # behind, not for long yet
+        await asyncio.sleep(0.06)
+        await cdrs.run()
+        await cdrs.run()  # told once a minute at most
+    [told] = [r.getMessage() for r in caplog.records]
+    assert "node 9: the CDR import has been" in told and "billed up to its grant" in told
+    step["bytes"] = 1 << 20
+    await cdrs.run()  # caught up
+    await cdrs.run()
+    assert cdrs.behind_since is None
